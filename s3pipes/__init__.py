@@ -1,0 +1,58 @@
+"""s3pipes: composable PyTorch data pipelines over object storage (S3, MinIO, any fsspec store).
+
+The public surface is what ``__all__`` lists; everything else is private.
+Importing s3pipes reads no environment variable and opens no connection.
+"""
+
+from s3pipes.errors import (
+    AccessDenied,
+    AuthError,
+    BucketNotFound,
+    ConfigError,
+    CredentialsMissing,
+    CredentialsRejected,
+    EndpointError,
+    EndpointUnreachable,
+    ExpiredCredentials,
+    InvalidURL,
+    MalformedEndpoint,
+    NotFound,
+    ObjectNotFound,
+    S3PipesError,
+    ServerError,
+    SignatureMismatch,
+    StoreError,
+    StoreRequestError,
+    StoreTimeout,
+    UnknownAccessKey,
+    WrongRegion,
+)
+from s3pipes.store import Store, load_env
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "AuthError",
+    "BucketNotFound",
+    "ConfigError",
+    "CredentialsMissing",
+    "CredentialsRejected",
+    "EndpointError",
+    "EndpointUnreachable",
+    "ExpiredCredentials",
+    "InvalidURL",
+    "MalformedEndpoint",
+    "NotFound",
+    "ObjectNotFound",
+    "S3PipesError",
+    "ServerError",
+    "SignatureMismatch",
+    "Store",
+    "StoreError",
+    "StoreRequestError",
+    "StoreTimeout",
+    "UnknownAccessKey",
+    "WrongRegion",
+    "load_env",
+]

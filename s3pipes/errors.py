@@ -1,0 +1,347 @@
+"""The s3pipes exception tree, and the one place where backend errors become it.
+
+Every error s3pipes raises is an :class:`S3PipesError`. Each leaf also inherits
+the builtin a caller would catch without knowing s3pipes, so
+``except FileNotFoundError`` keeps working::
+
+    S3PipesError
+    ├── StoreError                      names .url and .endpoint; never a secret
+    │   ├── NotFound(FileNotFoundError)
+    │   │   ├── BucketNotFound
+    │   │   └── ObjectNotFound
+    │   ├── AuthError(PermissionError)
+    │   │   ├── CredentialsMissing      no credentials anywhere in the chain
+    │   │   ├── CredentialsRejected     the store refused the credentials
+    │   │   │   ├── UnknownAccessKey    ... because it does not know the key id
+    │   │   │   ├── SignatureMismatch   ... because the secret is wrong
+    │   │   │   └── ExpiredCredentials  ... because the session token expired
+    │   │   └── AccessDenied            valid credentials, no permission
+    │   ├── EndpointError(ConnectionError)
+    │   │   ├── EndpointUnreachable     nothing listening, DNS failure, TLS failure
+    │   │   └── StoreTimeout            connected, but the store stopped answering
+    │   └── StoreRequestError(OSError)  any other failure, with the backend's words
+    ├── ConfigError(ValueError)
+    │   ├── MalformedEndpoint           e.g. "localhost:9000" (no scheme)
+    │   ├── WrongRegion                 bucket lives in another region
+    │   └── InvalidURL                  e.g. an invalid bucket name
+    └── ServerError(RuntimeError)       the embedded S3 server could not start
+
+Backend exceptions (botocore, aiohttp, s3fs, fsspec) are translated by
+:func:`translate` and nowhere else: the tables ``_CODE_TO_ERROR`` (S3 error codes)
+and ``_EXCEPTION_TO_ERROR`` (exception classes, matched by qualified name so this
+module imports no backend) are the whole mapping.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+
+__all__ = [
+    "AccessDenied",
+    "AuthError",
+    "BucketNotFound",
+    "ConfigError",
+    "CredentialsMissing",
+    "CredentialsRejected",
+    "EndpointError",
+    "EndpointUnreachable",
+    "ExpiredCredentials",
+    "InvalidURL",
+    "MalformedEndpoint",
+    "NotFound",
+    "ObjectNotFound",
+    "S3PipesError",
+    "ServerError",
+    "SignatureMismatch",
+    "StoreError",
+    "StoreRequestError",
+    "StoreTimeout",
+    "UnknownAccessKey",
+    "WrongRegion",
+    "translate",
+]
+
+
+class S3PipesError(Exception):
+    """Base of every error raised by s3pipes."""
+
+
+class ConfigError(S3PipesError, ValueError):
+    """The configuration (endpoint, region, URL) cannot work, whatever the store says."""
+
+
+class MalformedEndpoint(ConfigError):
+    """The endpoint URL is not an absolute http(s) URL."""
+
+
+class WrongRegion(ConfigError):
+    """The bucket exists in a region other than the one requests are signed for."""
+
+
+class InvalidURL(ConfigError):
+    """The URL cannot name an object (bad bucket name, unknown protocol, ...)."""
+
+
+class ServerError(S3PipesError, RuntimeError):
+    """The embedded S3 server could not be started (binary missing, did not come up)."""
+
+
+class StoreError(S3PipesError):
+    """A request to the store failed.
+
+    Attributes:
+        url: the object or prefix the request was for.
+        endpoint: where the request went (an endpoint URL, or a protocol name).
+        hint: what to try, or "".
+    """
+
+    default_hint = ""
+
+    def __init__(self, url: str, endpoint: str, detail: str, hint: str | None = None) -> None:
+        self.url, self.endpoint, self.detail = url, endpoint, detail
+        self.hint = self.default_hint if hint is None else hint
+        message = f"{url} (endpoint {endpoint}): {detail}"
+        super().__init__(message + (f". {self.hint}" if self.hint else ""))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Builtin OSError subclasses pickle their args, not ours: keep the fields
+        # so errors survive the trip back from DataLoader / Dask workers.
+        return (type(self), (self.url, self.endpoint, self.detail, self.hint))
+
+    def __str__(self) -> str:
+        # OSError.__str__ formats errno/strerror; ours is the message we built.
+        return str(self.args[0]) if self.args else ""
+
+
+class NotFound(StoreError, FileNotFoundError):
+    """The bucket or the object does not exist."""
+
+
+class BucketNotFound(NotFound):
+    """The bucket does not exist at this endpoint."""
+
+    default_hint = "Create it first, or check the bucket name and the endpoint"
+
+
+class ObjectNotFound(NotFound):
+    """The bucket exists but the object (or version) does not."""
+
+    default_hint = "Check the key; list the prefix with `s3pipes ls` to see what is there"
+
+
+class AuthError(StoreError, PermissionError):
+    """The store would not let these credentials do this."""
+
+
+class CredentialsMissing(AuthError):
+    """No credentials were found in storage_options, the environment or the boto chain."""
+
+    default_hint = (
+        "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or pass key=/secret= in "
+        "storage_options, or call s3pipes.load_env() to read a .env file)"
+    )
+
+
+class CredentialsRejected(AuthError):
+    """The store refused the credentials themselves."""
+
+    default_hint = "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for this endpoint"
+
+
+class UnknownAccessKey(CredentialsRejected):
+    """The store does not know the access key id."""
+
+    default_hint = "The access key id is not known to this endpoint: check AWS_ACCESS_KEY_ID and the endpoint"
+
+
+class SignatureMismatch(CredentialsRejected):
+    """The key id is known but the signature is wrong: almost always a wrong secret."""
+
+    default_hint = "The access key id is known but the secret does not match: check AWS_SECRET_ACCESS_KEY"
+
+
+class ExpiredCredentials(CredentialsRejected):
+    """Temporary credentials have expired."""
+
+    default_hint = "Refresh the session token (AWS_SESSION_TOKEN) or the profile's credentials"
+
+
+class AccessDenied(AuthError):
+    """The credentials are valid but lack permission for this request."""
+
+    default_hint = "The credentials are valid but not allowed to do this: check the bucket policy or identity"
+
+
+class EndpointError(StoreError, ConnectionError):
+    """The endpoint could not be talked to."""
+
+
+class EndpointUnreachable(EndpointError):
+    """Nothing answered: connection refused, unknown host, TLS failure or connect timeout."""
+
+    default_hint = "Check the endpoint URL (AWS_ENDPOINT_URL / endpoint_url) and that the server is running"
+
+
+class StoreTimeout(EndpointError):
+    """The endpoint accepted the connection but stopped answering."""
+
+    default_hint = "The store is overloaded or stalled; raise read_timeout or retry later"
+
+
+class StoreRequestError(StoreError, OSError):
+    """A store failure that none of the specific errors describe."""
+
+
+# S3 error codes (botocore's response["Error"]["Code"]) -> error class.
+_CODE_TO_ERROR: dict[str, type[S3PipesError]] = {
+    "NoSuchBucket": BucketNotFound,
+    "NoSuchKey": ObjectNotFound,
+    "NoSuchVersion": ObjectNotFound,
+    "404": ObjectNotFound,
+    "NotFound": ObjectNotFound,
+    "InvalidAccessKeyId": UnknownAccessKey,
+    "SignatureDoesNotMatch": SignatureMismatch,
+    "ExpiredToken": ExpiredCredentials,
+    "TokenRefreshRequired": ExpiredCredentials,
+    "InvalidToken": CredentialsRejected,
+    "AccessDenied": AccessDenied,
+    "AllAccessDisabled": AccessDenied,
+    "AccountProblem": AccessDenied,
+    "403": AccessDenied,
+    "AuthorizationHeaderMalformed": WrongRegion,
+    "PermanentRedirect": WrongRegion,
+    "IllegalLocationConstraintException": WrongRegion,
+    "301": WrongRegion,
+    "InvalidBucketName": InvalidURL,
+    "RequestTimeout": StoreTimeout,
+}
+
+# Backend exception classes, by "module.QualName" anywhere in the MRO -> error class.
+# First match along the exception's cause chain wins, so order from specific to general.
+_EXCEPTION_TO_ERROR: tuple[tuple[str, type[S3PipesError]], ...] = (
+    ("botocore.exceptions.NoCredentialsError", CredentialsMissing),
+    ("botocore.exceptions.PartialCredentialsError", CredentialsMissing),
+    ("botocore.exceptions.ConnectTimeoutError", EndpointUnreachable),
+    ("botocore.exceptions.EndpointConnectionError", EndpointUnreachable),
+    ("botocore.exceptions.SSLError", EndpointUnreachable),
+    ("botocore.exceptions.ProxyConnectionError", EndpointUnreachable),
+    ("aiohttp.client_exceptions.ClientConnectorError", EndpointUnreachable),
+    ("botocore.exceptions.ReadTimeoutError", StoreTimeout),
+    ("asyncio.exceptions.TimeoutError", StoreTimeout),
+    ("fsspec.exceptions.FSTimeoutError", StoreTimeout),
+    ("builtins.ConnectionRefusedError", EndpointUnreachable),
+    ("socket.gaierror", EndpointUnreachable),
+    ("builtins.FileNotFoundError", ObjectNotFound),
+    ("builtins.PermissionError", AccessDenied),
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _error_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code else None
+    return None
+
+
+def _mro_names(exc: BaseException) -> set[str]:
+    return {f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__}
+
+
+def classify(exc: BaseException) -> tuple[type[S3PipesError], BaseException] | None:
+    """The error class for ``exc`` and the link of its cause chain that decided it.
+
+    S3 error codes win over exception classes: they are the store's own words.
+    """
+    chain = list(_chain(exc))
+    for link in chain:
+        code = _error_code(link)
+        if code in _CODE_TO_ERROR:
+            return _CODE_TO_ERROR[code], link
+    for link in chain:
+        names = _mro_names(link)
+        for name, cls in _EXCEPTION_TO_ERROR:
+            if name in names:
+                return cls, link
+    return None
+
+
+def _detail(cls: type[S3PipesError], link: BaseException) -> str:
+    code = _error_code(link)
+    if cls is EndpointUnreachable and any(isinstance(e, socket.gaierror) for e in _chain(link)):
+        return "host name could not be resolved (DNS)"
+    if cls is EndpointUnreachable and any(isinstance(e, ConnectionRefusedError) for e in _chain(link)):
+        return "connection refused: nothing is listening there"
+    text = {
+        BucketNotFound: "bucket does not exist",
+        ObjectNotFound: "object does not exist",
+        CredentialsMissing: "no credentials found",
+        UnknownAccessKey: "credentials rejected: unknown access key id",
+        SignatureMismatch: "credentials rejected: the secret key does not match the access key id",
+        ExpiredCredentials: "credentials rejected: they have expired",
+        CredentialsRejected: "credentials rejected",
+        AccessDenied: "access denied",
+        EndpointUnreachable: "endpoint unreachable",
+        StoreTimeout: "the store did not answer in time",
+        WrongRegion: "the bucket is in another region than requests are signed for",
+    }.get(cls, "")
+    if cls is WrongRegion:
+        message = getattr(link, "response", {}).get("Error", {}).get("Message", "")
+        text = f"{text} ({message})" if message else text
+    if code and code not in {"404", "403", "301"} and text:
+        text = f"{text} [{code}]"
+    return text or f"{type(link).__name__}: {link}"
+
+
+def translate(
+    exc: BaseException,
+    *,
+    url: str,
+    endpoint: str,
+    probe: Callable[[], BaseException | None] | None = None,
+    redact: Callable[[str], str] = lambda text: text,
+) -> S3PipesError:
+    """Turn a backend exception into the matching :class:`S3PipesError`.
+
+    Args:
+        exc: what fsspec / s3fs / botocore raised.
+        url: the object or prefix the request was for (named in the message).
+        endpoint: where the request went (named in the message).
+        probe: called when the store's answer was ambiguous (a body-less 403 or
+            404 to a HEAD request); it makes a request that returns an error code
+            and returns what that raised, or None if it succeeded.
+        redact: applied to any backend text that lands in the message.
+
+    Returns:
+        The error to raise ``from exc``. An ``S3PipesError`` passes through.
+
+    Example:
+        >>> err = translate(FileNotFoundError("b/k"), url="memory://b/k", endpoint="memory")
+        >>> type(err).__name__, isinstance(err, FileNotFoundError)
+        ('ObjectNotFound', True)
+    """
+    if isinstance(exc, S3PipesError):
+        return exc
+    found = classify(exc)
+    ambiguous = found is not None and found[0] in (AccessDenied, ObjectNotFound)
+    if ambiguous and probe is not None and _error_code(found[1]) in {"403", "404", None}:
+        probed = probe()
+        refined = classify(probed) if probed is not None else None
+        if refined is not None and _error_code(refined[1]) not in {"403", "404", None}:
+            found = refined
+    if found is None:
+        return StoreRequestError(url, endpoint, redact(f"{type(exc).__name__}: {exc}"))
+    cls, link = found
+    if issubclass(cls, StoreError):
+        return cls(url, endpoint, redact(_detail(cls, link)))
+    return cls(redact(f"{url} (endpoint {endpoint}): {_detail(cls, link)}"))
