@@ -1,0 +1,497 @@
+"""One storage layer: URL -> (fsspec filesystem, path), with S3 set up from the environment.
+
+Every byte s3pipes moves goes through a :class:`Store`. It resolves URLs for any
+fsspec protocol (``s3://``, ``file://``, ``memory://``, ``gs://``, ...), builds one
+filesystem per protocol *per process* (s3fs clients hang when used after ``fork``,
+s3fs#914, so a forked DataLoader worker builds its own), and is the boundary where
+backend exceptions become :mod:`s3pipes.errors`.
+
+S3 settings, first match wins:
+
+========================  =============================================================
+setting                   sources, in order
+========================  =============================================================
+endpoint                  ``storage_options["endpoint_url"]``, ``AWS_ENDPOINT_URL_S3``,
+                          ``AWS_ENDPOINT_URL``; none = AWS itself
+credentials               ``storage_options["key"/"secret"/"token"]``,
+                          ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+                          ``AWS_SESSION_TOKEN``, then botocore's chain (profile, ...)
+region                    ``client_kwargs["region_name"]``, ``AWS_REGION``,
+                          ``AWS_DEFAULT_REGION``; with a custom endpoint "us-east-1"
+addressing                path-style for a custom endpoint (``http://localhost:9000``)
+========================  =============================================================
+
+The environment is read only by :meth:`Store.from_env`, and a ``.env`` file only
+when asked for (``env_file=`` or :func:`load_env`); importing s3pipes reads neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import fsspec
+from fsspec.core import split_protocol
+
+from s3pipes import errors
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_READ_TIMEOUT", "Store", "load_env"]
+
+DEFAULT_CONNECT_TIMEOUT = 3.0
+"""Seconds to wait for a TCP/TLS connection before reporting the endpoint unreachable."""
+
+DEFAULT_READ_TIMEOUT = 60.0
+"""Seconds to wait for the next bytes of a response before reporting a timeout."""
+
+_SECRET_OPTIONS = ("secret", "token", "password", "aws_secret_access_key", "aws_session_token")
+_S3_PROTOCOLS = ("s3", "s3a")
+
+
+def load_env(path: str | os.PathLike[str] = ".env", *, override: bool = False) -> bool:
+    """Read ``KEY=value`` lines from a ``.env`` file into ``os.environ``.
+
+    Variables already set in the environment win unless ``override=True``.
+
+    Args:
+        path: the file to read.
+        override: let the file's values replace ones already set.
+
+    Returns:
+        True if the file existed and set at least one variable.
+
+    Example:
+        >>> load_env("/nonexistent/.env")
+        False
+    """
+    from dotenv import load_dotenv
+
+    return bool(load_dotenv(path, override=override))
+
+
+def _endpoint_from(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, str]:
+    """The endpoint URL and where it came from (named in errors)."""
+    candidates = (
+        (options.get("endpoint_url"), "storage_options['endpoint_url']"),
+        (options.get("client_kwargs", {}).get("endpoint_url"), "client_kwargs['endpoint_url']"),
+        (env.get("AWS_ENDPOINT_URL_S3"), "AWS_ENDPOINT_URL_S3"),
+        (env.get("AWS_ENDPOINT_URL"), "AWS_ENDPOINT_URL"),
+    )
+    for value, source in candidates:
+        if value:
+            return str(value), source
+    return None, ""
+
+
+def _check_endpoint(endpoint: str, source: str) -> None:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        guess = f"http://{endpoint}" if "://" not in endpoint else None
+        fix = f"; did you mean {guess!r}?" if guess else "; it must look like http://host:port"
+        raise errors.MalformedEndpoint(
+            f"endpoint {endpoint!r} (from {source}) is not an http(s) URL with a host{fix}"
+        )
+
+
+def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: tuple[float, float]) -> dict[str, Any]:
+    """s3fs keyword arguments: explicit options over environment over defaults."""
+    options = dict(explicit)
+    endpoint, source = _endpoint_from(explicit, env)
+    client_kwargs = dict(options.pop("client_kwargs", {}))
+    client_kwargs.pop("endpoint_url", None)
+    if endpoint is not None:
+        _check_endpoint(endpoint, source)
+        options["endpoint_url"] = endpoint
+    for option, variable in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+        if options.get(option) is None and env.get(variable):
+            options[option] = env[variable]
+    region = client_kwargs.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region is None and endpoint is not None:
+        region = "us-east-1"  # any region signs for a custom endpoint; botocore needs one
+    if region is not None:
+        client_kwargs["region_name"] = region
+    options["client_kwargs"] = client_kwargs
+    config = dict(options.pop("config_kwargs", {}))
+    config.setdefault("connect_timeout", timeouts[0])
+    config.setdefault("read_timeout", timeouts[1])
+    # One botocore attempt per s3fs try: s3fs already retries connection errors
+    # (5 tries, 1.9 s of back-off in all), and botocore's own back-off on top of it
+    # made a refused connection take 10+ s to report.
+    config.setdefault("retries", {"mode": "standard", "max_attempts": 1})
+    if endpoint is not None:
+        config.setdefault("s3", {"addressing_style": "path"})
+    options["config_kwargs"] = config
+    return options
+
+
+class Store:
+    """Resolves URLs to fsspec filesystems and translates their errors.
+
+    Args:
+        storage_options: keyword arguments for the filesystem of the URLs' protocol,
+            as fsspec takes them (for S3: s3fs's ``endpoint_url``, ``key``, ``secret``,
+            ``client_kwargs``, ``config_kwargs``, ...).
+        connect_timeout: seconds before an endpoint that does not accept the
+            connection is reported unreachable.
+        read_timeout: seconds without bytes before a request is reported stalled.
+
+    A Store built directly reads no environment variable itself; use
+    :meth:`from_env` for the ``AWS_*`` / ``.env`` configuration (the module
+    docstring has the order). Filesystems are built lazily, once per process.
+
+    Example:
+        >>> store = Store()
+        >>> store.write_bytes("memory://doc-store/a.txt", b"hi")
+        >>> store.read_bytes("memory://doc-store/a.txt")
+        b'hi'
+    """
+
+    def __init__(
+        self,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        _env: Mapping[str, str] | None = None,
+    ) -> None:
+        if connect_timeout <= 0 or read_timeout <= 0:
+            raise ValueError(f"timeouts must be positive, got {connect_timeout=} and {read_timeout=}")
+        self._explicit = dict(storage_options or {})
+        self._env = dict(_env or {})
+        self._timeouts = (float(connect_timeout), float(read_timeout))
+        # Validate (and resolve) S3 settings now, so a malformed endpoint fails at construction.
+        self._s3 = _s3_options(self._explicit, self._env, self._timeouts)
+        self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(
+        cls,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        env_file: str | os.PathLike[str] | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+    ) -> Store:
+        """A Store configured from explicit options, then ``AWS_*`` variables.
+
+        Args:
+            storage_options: as for :class:`Store`; these win over the environment.
+            env_file: a ``.env`` file whose values fill in variables the process
+                environment does not set. Not read unless given.
+            connect_timeout: as for :class:`Store`.
+            read_timeout: as for :class:`Store`.
+
+        Raises:
+            MalformedEndpoint: the endpoint has no http(s) scheme or no host.
+
+        Example:
+            >>> Store.from_env({"endpoint_url": "http://127.0.0.1:9000", "key": "k", "secret": "s"})
+            Store(s3: endpoint=http://127.0.0.1:9000, key=k***, secret=***)
+        """
+        env: dict[str, str] = {}
+        if env_file is not None:
+            from dotenv import dotenv_values
+
+            env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        env.update(os.environ)
+        return cls(storage_options, connect_timeout=connect_timeout, read_timeout=read_timeout, _env=env)
+
+    # -- resolution -------------------------------------------------------------------------
+
+    def _options_for(self, protocol: str) -> dict[str, Any]:
+        return dict(self._s3) if protocol in _S3_PROTOCOLS else dict(self._explicit)
+
+    def endpoint(self, url: str) -> str:
+        """Where requests for ``url`` go, as named in error messages.
+
+        Example:
+            >>> Store().endpoint("memory://b/k")
+            'memory'
+        """
+        protocol = self._protocol(url)
+        if protocol in _S3_PROTOCOLS:
+            return str(self._s3.get("endpoint_url") or "AWS S3")
+        return protocol
+
+    @staticmethod
+    def _protocol(url: str) -> str:
+        protocol, _ = split_protocol(url)
+        return protocol or "file"
+
+    def filesystem(self, url: str) -> fsspec.AbstractFileSystem:
+        """The filesystem for ``url``'s protocol, built once in this process."""
+        protocol = self._protocol(url)
+        with self._lock:
+            if self._pid != os.getpid():  # forked: never reuse the parent's clients
+                self._filesystems, self._pid = {}, os.getpid()
+            fs = self._filesystems.get(protocol)
+            if fs is None:
+                try:
+                    cls = fsspec.get_filesystem_class(protocol)
+                except (ImportError, ValueError) as exc:
+                    raise errors.InvalidURL(f"{url}: cannot open protocol {protocol!r}: {exc}") from None
+                options = self._options_for(protocol)
+                if protocol == "file":
+                    options.setdefault("auto_mkdir", True)
+                # skip_instance_cache: fsspec's class-level instance cache would hand
+                # the same (possibly forked) client to every Store in the process.
+                fs = cls(skip_instance_cache=True, **options)
+                self._filesystems[protocol] = fs
+            return fs
+
+    def resolve(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take.
+
+        Example:
+            >>> fs, path = Store().resolve("memory://bucket/x.tar")
+            >>> type(fs).__name__, path
+            ('MemoryFileSystem', '/bucket/x.tar')
+        """
+        fs = self.filesystem(url)
+        return fs, fs._strip_protocol(url)
+
+    def url(self, url_like: str, path: str) -> str:
+        """The full URL of ``path`` on the filesystem of ``url_like`` (listings return paths)."""
+        return self.filesystem(url_like).unstrip_protocol(path)
+
+    # -- the error boundary -----------------------------------------------------------------
+
+    def redact(self, text: str) -> str:
+        """``text`` with every configured secret replaced by ``***``."""
+        for name in _SECRET_OPTIONS:
+            for options in (self._s3, self._explicit):
+                value = options.get(name)
+                if isinstance(value, str) and len(value) >= 4:
+                    text = text.replace(value, "***")
+        return text
+
+    @contextlib.contextmanager
+    def errors(self, url: str) -> Iterator[None]:
+        """Translate any backend exception raised inside into an :mod:`s3pipes.errors` error.
+
+        The one boundary: every Store method runs its I/O inside it, and stages that
+        use a filesystem directly wrap their calls in it.
+        """
+        try:
+            yield
+        except errors.S3PipesError:
+            raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, StopIteration):
+            raise
+        except Exception as exc:
+            raise errors.translate(
+                exc, url=url, endpoint=self.endpoint(url), probe=lambda: self._probe(url), redact=self.redact
+            ) from exc
+
+    def _probe(self, url: str) -> BaseException | None:
+        """Ask the store something that answers with an error code (HEAD replies have none)."""
+        fs, path = self.resolve(url)
+        if self._protocol(url) not in _S3_PROTOCOLS:
+            return None
+        bucket, _, key = path.partition("/")
+        try:
+            fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+        except Exception as exc:
+            return exc
+        return None
+
+    # -- I/O, all inside the boundary -------------------------------------------------------
+
+    def open(self, url: str, mode: str = "rb", **kwargs: Any) -> IO[bytes]:
+        """Open ``url``; errors raised by reads, writes and ``close`` are translated.
+
+        A file opened for writing becomes visible only when closed without error:
+        s3fs aborts a failed multipart upload, and nothing already in the store is
+        touched before that.
+        """
+        fs, path = self.resolve(url)
+        writing = any(flag in mode for flag in "wxa+")
+        if writing:
+            # Publish on commit, not on open or on a failed close (fsspec transactions' protocol).
+            kwargs.setdefault("autocommit", False)
+        with self.errors(url):
+            handle = fs.open(path, mode, **kwargs)
+        return _TranslatingFile(handle, self, url, commit=writing and not kwargs["autocommit"])
+
+    def read_bytes(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The object's bytes (``[start, end)`` when given)."""
+        fs, path = self.resolve(url)
+        with self.errors(url):
+            return bytes(fs.cat_file(path, start=start, end=end))
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write ``data`` as the whole object at ``url``."""
+        fs, path = self.resolve(url)
+        with self.errors(url):
+            fs.pipe_file(path, data)
+
+    def info(self, url: str) -> dict[str, Any]:
+        """Metadata of one object (``size``, and for S3 ``ETag``, ``LastModified``, ...)."""
+        fs, path = self.resolve(url)
+        with self.errors(url):
+            return dict(fs.info(path))
+
+    def exists(self, url: str) -> bool:
+        """Whether ``url`` exists; a missing bucket is an error, not False."""
+        try:
+            self.info(url)
+        except errors.ObjectNotFound:
+            return False
+        return True
+
+    def list(self, prefix: str, *, suffix: str = "") -> list[str]:
+        """Sorted URLs of every object under ``prefix`` (recursively) ending in ``suffix``.
+
+        Example:
+            >>> store = Store()
+            >>> for name in ("b.tar", "a.tar", "notes.txt"):
+            ...     store.write_bytes(f"memory://doc-list/{name}", b"")
+            >>> store.list("memory://doc-list/", suffix=".tar")
+            ['memory://doc-list/a.tar', 'memory://doc-list/b.tar']
+        """
+        fs, path = self.resolve(prefix)
+        with self.errors(prefix):
+            found = fs.find(path)
+            if not found and not fs.exists(path):
+                # s3fs returns [] for a prefix with nothing under it, but raises for a missing
+                # bucket only on some calls: ask once more so that case is never silent.
+                fs.ls(path.split("/")[0] if self._protocol(prefix) in _S3_PROTOCOLS else path)
+        # Spell results like the prefix was spelled ("memory://x" not "memory:///x").
+        root, base = path.rstrip("/"), prefix.rstrip("/")
+        return sorted(base + p[len(root) :] for p in found if p.endswith(suffix) and p.startswith(root))
+
+    def delete(self, url: str) -> None:
+        """Delete one object."""
+        fs, path = self.resolve(url)
+        with self.errors(url):
+            fs.rm_file(path)
+
+    # -- pickling and repr ------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_filesystems"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        parts = []
+        endpoint = self._s3.get("endpoint_url")
+        if endpoint:
+            parts.append(f"endpoint={endpoint}")
+        key = self._s3.get("key")
+        if key:
+            parts.append(f"key={str(key)[:4]}***")
+        if self._s3.get("secret"):
+            parts.append("secret=***")
+        return f"Store(s3: {', '.join(parts) or 'default AWS chain'})"
+
+
+class _TranslatingFile:
+    """A file object whose errors (including those raised by close) go through the boundary.
+
+    Opened for writing, it publishes the object on a clean ``close`` and discards it
+    when the ``with`` block raises.
+    """
+
+    def __init__(self, handle: IO[bytes], store: Store, url: str, *, commit: bool) -> None:
+        self._handle, self._store, self.url = handle, store, url
+        self._commit = commit
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        with self._store.errors(self.url):
+            return self._handle.read(size)
+
+    def readinto(self, buffer: Any) -> int:
+        with self._store.errors(self.url):
+            return self._handle.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+
+    def write(self, data: bytes) -> int:
+        with self._store.errors(self.url):
+            return self._handle.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        with self._store.errors(self.url):
+            return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def flush(self) -> None:
+        with self._store.errors(self.url):
+            self._handle.flush()
+
+    def close(self) -> None:
+        """Close; for a write, publish the object. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        with self._store.errors(self.url):
+            try:
+                self._handle.close()
+                if self._commit:
+                    self._handle.commit()  # type: ignore[attr-defined]
+            except BaseException:
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """Abort any upload and mark the handle closed, so collecting it does not retry the upload."""
+        with contextlib.suppress(Exception):
+            if self._commit:
+                self._handle.discard()  # type: ignore[attr-defined]
+        with contextlib.suppress(AttributeError):
+            self._handle.closed = True  # type: ignore[misc]
+
+    def discard(self) -> None:
+        """Abandon a write: nothing becomes visible in the store. Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        if not self._commit:
+            with self._store.errors(self.url):
+                self._handle.close()
+            return
+        try:
+            with self._store.errors(self.url):
+                self._handle.discard()  # type: ignore[attr-defined]
+        finally:
+            self._abandon()
+
+    @property
+    def closed(self) -> bool:
+        return self._done or bool(self._handle.closed)
+
+    def readable(self) -> bool:
+        return bool(self._handle.readable())
+
+    def writable(self) -> bool:
+        return bool(self._handle.writable())
+
+    def seekable(self) -> bool:
+        return bool(self._handle.seekable())
+
+    def __enter__(self) -> _TranslatingFile:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.discard()  # a failed write must not publish a partial object
+        else:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<s3pipes file {self.url}>"

@@ -1,0 +1,179 @@
+"""Store: URL resolution, S3 settings order, the error boundary and process safety, on memory://."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from pathlib import Path
+
+import pytest
+
+import s3pipes
+from s3pipes import MalformedEndpoint, ObjectNotFound, Store
+
+ENDPOINT = "http://127.0.0.1:9"
+
+
+def s3(store: Store) -> dict[str, object]:
+    fs = store.filesystem("s3://bucket/key")
+    return {
+        "endpoint": fs.client_kwargs.get("endpoint_url", getattr(fs, "endpoint_url", None)),
+        "key": fs.key,
+        "secret": fs.secret,
+        "region": fs.client_kwargs.get("region_name"),
+        "config": fs.config_kwargs,
+    }
+
+
+def test_explicit_options_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://from-env:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    store = Store.from_env({"endpoint_url": ENDPOINT, "key": "mine", "secret": "my-secret"})
+    got = s3(store)
+    assert (got["key"], got["secret"]) == ("mine", "my-secret")
+    assert store.endpoint("s3://b/k") == ENDPOINT
+
+
+def test_s3_specific_endpoint_variable_wins_over_generic(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://specific:2")
+    assert Store.from_env().endpoint("s3://b/k") == "http://specific:2"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    assert Store.from_env().endpoint("s3://b/k") == "http://generic:1"
+
+
+def test_credentials_and_region_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    got = s3(Store.from_env())
+    assert (got["key"], got["secret"]) == ("env-key", "env-secret")
+    assert got["region"] == "us-east-1", "a custom endpoint needs no AWS_REGION"
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert s3(Store.from_env())["region"] == "eu-west-3"
+
+
+def test_custom_endpoint_uses_path_style_and_short_timeouts() -> None:
+    config = s3(Store({"endpoint_url": ENDPOINT}, connect_timeout=1.5))["config"]
+    assert isinstance(config, dict)
+    assert config["s3"] == {"addressing_style": "path"}
+    assert config["connect_timeout"] == 1.5
+
+
+def test_aws_itself_keeps_virtual_hosted_addressing() -> None:
+    config = s3(Store())["config"]
+    assert isinstance(config, dict)
+    assert "s3" not in config
+
+
+def test_store_reads_no_environment_unless_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
+    assert Store().endpoint("s3://b/k") == "AWS S3"
+    assert Store.from_env().endpoint("s3://b/k") == ENDPOINT
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:9000", "127.0.0.1:9000", "ftp://host:1", "http://"])
+def test_malformed_endpoint_is_reported_with_its_source(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(MalformedEndpoint, match="AWS_ENDPOINT_URL") as info:
+        Store.from_env()
+    assert isinstance(info.value, ValueError)
+    assert endpoint in str(info.value)
+
+
+def test_malformed_endpoint_suggests_the_scheme() -> None:
+    with pytest.raises(MalformedEndpoint, match="did you mean 'http://localhost:9000'"):
+        Store({"endpoint_url": "localhost:9000"})
+
+
+def test_env_file_is_read_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(f"AWS_ENDPOINT_URL={ENDPOINT}\nAWS_ACCESS_KEY_ID=file-key\n")
+    monkeypatch.chdir(tmp_path)
+    assert Store.from_env().endpoint("s3://b/k") == "AWS S3"
+    store = Store.from_env(env_file=tmp_path / ".env")
+    assert store.endpoint("s3://b/k") == ENDPOINT
+    assert s3(store)["key"] == "file-key"
+
+
+def test_process_environment_wins_over_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("AWS_ENDPOINT_URL=http://from-file:1\n")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
+    assert Store.from_env(env_file=tmp_path / ".env").endpoint("s3://b/k") == ENDPOINT
+
+
+def test_load_env_sets_variables_from_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "creds.env").write_text(f"AWS_ENDPOINT_URL={ENDPOINT}\n")
+    assert s3pipes.load_env(tmp_path / "creds.env") is True
+    assert Store.from_env().endpoint("s3://b/k") == ENDPOINT
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # load_env wrote os.environ; undo it for other tests
+
+
+def test_repr_and_pickle_never_show_the_secret() -> None:
+    store = Store({"endpoint_url": ENDPOINT, "key": "AKIAEXAMPLEKEY", "secret": "very-secret-value"})
+    assert "very-secret-value" not in repr(store)
+    assert "AKIAEXAMPLEKEY" not in repr(store), "the key id is shortened too"
+    assert "very-secret-value" not in store.redact("signature for very-secret-value failed")
+
+
+def test_round_trip_list_and_sizes_on_memory(mem_root: str) -> None:
+    store = Store()
+    for name in ("b/2.tar", "a.tar", "b/1.tar", "notes.txt"):
+        store.write_bytes(f"{mem_root}/{name}", name.encode())
+    assert store.list(mem_root, suffix=".tar") == [f"{mem_root}/a.tar", f"{mem_root}/b/1.tar", f"{mem_root}/b/2.tar"]
+    assert store.read_bytes(f"{mem_root}/b/1.tar") == b"b/1.tar"
+    assert store.read_bytes(f"{mem_root}/b/1.tar", 2, 5) == b"1.t"
+    assert store.info(f"{mem_root}/a.tar")["size"] == 5
+
+
+def test_missing_object_names_url_and_is_a_file_not_found(mem_root: str) -> None:
+    url = f"{mem_root}/missing.tar"
+    with pytest.raises(ObjectNotFound) as info:
+        Store().read_bytes(url)
+    assert isinstance(info.value, FileNotFoundError)
+    assert url in str(info.value) and "memory" in str(info.value)
+    assert not Store().exists(url)
+
+
+def test_failed_write_publishes_nothing_and_keeps_the_old_object(tmp_path: Path) -> None:
+    # memory:// publishes on open, so the transactional write is shown on file://
+    store = Store()
+    url = f"file://{tmp_path}/dir/object.bin"
+    with store.open(url, "wb") as f:
+        f.write(b"first version")
+    with pytest.raises(RuntimeError, match="boom"), store.open(url, "wb") as f:
+        f.write(b"half of the second")
+        raise RuntimeError("boom")
+    assert store.read_bytes(url) == b"first version"
+    assert [p.name for p in (tmp_path / "dir").iterdir()] == ["object.bin"], "no temp file left"
+
+
+def test_unknown_protocol_is_a_clear_error() -> None:
+    with pytest.raises(s3pipes.InvalidURL, match="nosuchproto"):
+        Store().filesystem("nosuchproto://x/y")
+
+
+def test_pickled_store_rebuilds_its_filesystems(mem_root: str) -> None:
+    store = Store({"endpoint_url": ENDPOINT, "key": "k", "secret": "s"})
+    store.write_bytes(f"{mem_root}/x", b"1")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.filesystem(mem_root) is not store.filesystem(mem_root)
+    assert clone.read_bytes(f"{mem_root}/x") == b"1"
+
+
+def _child_builds_its_own(store: Store, url: str, queue: multiprocessing.Queue[object]) -> None:
+    inherited = store._filesystems.get("memory")
+    queue.put(store.filesystem(url) is not inherited and inherited is not None)
+
+
+def test_forked_process_builds_its_own_filesystem(mem_root: str) -> None:
+    store = Store()
+    store.filesystem(mem_root)
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[object] = context.Queue()
+    child = context.Process(target=_child_builds_its_own, args=(store, mem_root, queue))
+    child.start()
+    child.join(30)
+    assert queue.get(timeout=5) is True
