@@ -91,7 +91,9 @@ class LocalS3Server:
             store = s3pipes.Store(server.storage_options)
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, startup_timeout: float = 60.0, weed: str | None = None) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None = None, *, startup_timeout: float = 60.0, weed: str | None = None
+    ) -> None:
         self._given_dir = Path(data_dir) if data_dir is not None else None
         self._startup_timeout = startup_timeout
         self._weed = weed
@@ -152,7 +154,7 @@ class LocalS3Server:
         args = [
             weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self._dir / 'data'}",
             f"-master.port={master}", f"-master.port.grpc={grpc[0]}", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+            "-master.volumeSizeLimitMB=1024", "-volume.max=2000",
             f"-volume.port={volume}", f"-volume.port.grpc={grpc[1]}",
             f"-filer.port={filer}", f"-filer.port.grpc={grpc[2]}", f"-filer.localSocket={self._dir / 'filer.sock'}",
             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -165,7 +167,7 @@ class LocalS3Server:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
 
     def _wait_ready(self) -> None:
@@ -177,7 +179,9 @@ class LocalS3Server:
             if self._answers():
                 return
             time.sleep(0.1)
-        raise ServerError(f"S3 did not answer on {self.endpoint_url} within {self._startup_timeout:.0f} s:\n{self._log_tail()}")
+        raise ServerError(
+            f"S3 did not answer on {self.endpoint_url} within {self._startup_timeout:.0f} s:\n{self._log_tail()}"
+        )
 
     def _answers(self) -> bool:
         """True once the S3 port speaks S3 with our identities loaded (an authenticated list)."""
@@ -219,7 +223,9 @@ class LocalS3Server:
     def __enter__(self) -> LocalS3Server:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __del__(self) -> None:

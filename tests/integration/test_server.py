@@ -33,10 +33,10 @@ def gone(pid: int, within: float = 10.0) -> bool:
     return False
 
 
-def test_credentials_are_enforced(s3_server: LocalS3Server, bucket: str) -> None:
-    Store(s3_server.storage_options).write_bytes(f"{bucket}/x", b"1")
+def test_credentials_are_enforced(s3_server: LocalS3Server, s3_root: str) -> None:
+    Store(s3_server.storage_options).write_bytes(f"{s3_root}/x", b"1")
     with pytest.raises(s3pipes.CredentialsRejected):
-        Store({**s3_server.storage_options, "secret": "guess"}).read_bytes(f"{bucket}/x")
+        Store({**s3_server.storage_options, "secret": "guess"}).read_bytes(f"{s3_root}/x")
 
 
 def test_missing_bucket_is_not_created_on_write(s3_server: LocalS3Server) -> None:

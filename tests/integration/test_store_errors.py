@@ -25,7 +25,9 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def expect(error: type[BaseException], builtin: type[BaseException], call: Callable[[], object], *names: str) -> BaseException:
+def expect(
+    error: type[BaseException], builtin: type[BaseException], call: Callable[[], object], *names: str
+) -> BaseException:
     started = time.monotonic()
     with pytest.raises(error) as info:
         call()
@@ -58,14 +60,14 @@ def test_missing_bucket(s3_server: LocalS3Server, s3_store: Store, op: str) -> N
 
 
 @pytest.mark.parametrize("op", ["read", "open"])
-def test_missing_object(s3_server: LocalS3Server, s3_store: Store, bucket: str, op: str) -> None:
-    url = f"{bucket}/no/such/object.tar"
+def test_missing_object(s3_server: LocalS3Server, s3_store: Store, s3_root: str, op: str) -> None:
+    url = f"{s3_root}/no/such/object.tar"
     expect(s3pipes.ObjectNotFound, FileNotFoundError, operations(s3_store, url)[op], url, s3_server.endpoint_url)
 
 
 @pytest.mark.parametrize("op", ["list", "read", "open"])
-def test_bad_secret(s3_server: LocalS3Server, s3_store: Store, bucket: str, op: str) -> None:
-    url = f"{bucket}/object.bin"
+def test_bad_secret(s3_server: LocalS3Server, s3_store: Store, s3_root: str, op: str) -> None:
+    url = f"{s3_root}/object.bin"
     s3_store.write_bytes(url, b"payload")
     wrong = Store({**s3_server.storage_options, "secret": "not-the-secret"})
     err = expect(s3pipes.SignatureMismatch, PermissionError, operations(wrong, url)[op], url, "AWS_SECRET_ACCESS_KEY")
@@ -73,21 +75,21 @@ def test_bad_secret(s3_server: LocalS3Server, s3_store: Store, bucket: str, op: 
 
 
 @pytest.mark.parametrize("op", ["list", "read", "open"])
-def test_unknown_access_key(s3_server: LocalS3Server, s3_store: Store, bucket: str, op: str) -> None:
-    url = f"{bucket}/object.bin"
+def test_unknown_access_key(s3_server: LocalS3Server, s3_store: Store, s3_root: str, op: str) -> None:
+    url = f"{s3_root}/object.bin"
     s3_store.write_bytes(url, b"payload")
     stranger = Store({**s3_server.storage_options, "key": "AKIDONTKNOWYOU"})
     expect(s3pipes.UnknownAccessKey, PermissionError, operations(stranger, url)[op], url, "AWS_ACCESS_KEY_ID")
 
 
-def test_missing_credentials(s3_server: LocalS3Server, bucket: str) -> None:
-    url = f"{bucket}/object.bin"
+def test_missing_credentials(s3_server: LocalS3Server, s3_root: str) -> None:
+    url = f"{s3_root}/object.bin"
     anonymous_env = Store({"endpoint_url": s3_server.endpoint_url})
     expect(s3pipes.CredentialsMissing, PermissionError, lambda: anonymous_env.list(url), url, "AWS_ACCESS_KEY_ID")
 
 
-def test_read_only_identity_cannot_write(s3_server: LocalS3Server, s3_store: Store, bucket: str) -> None:
-    url = f"{bucket}/written-by-reader.bin"
+def test_read_only_identity_cannot_write(s3_server: LocalS3Server, s3_store: Store, s3_root: str) -> None:
+    url = f"{s3_root}/written-by-reader.bin"
     reader = Store(s3_server.readonly_storage_options)
     expect(s3pipes.AccessDenied, PermissionError, lambda: reader.write_bytes(url, b"x"), url)
     assert not s3_store.exists(url)
@@ -119,27 +121,31 @@ def test_write_to_missing_bucket_fails_at_close_and_names_it(s3_server: LocalS3S
     expect(s3pipes.BucketNotFound, FileNotFoundError, write, url)
 
 
-def test_environment_configuration_reaches_the_server(monkeypatch: pytest.MonkeyPatch, s3_server: LocalS3Server, bucket: str) -> None:
+def test_environment_configuration_reaches_the_server(
+    monkeypatch: pytest.MonkeyPatch, s3_server: LocalS3Server, s3_root: str
+) -> None:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     store = Store.from_env()
-    store.write_bytes(f"{bucket}/from-env.txt", b"ok")
-    assert store.list(bucket) == [f"{bucket}/from-env.txt"]
+    store.write_bytes(f"{s3_root}/from-env.txt", b"ok")
+    assert store.list(s3_root) == [f"{s3_root}/from-env.txt"]
 
 
-def test_secret_never_printed(s3_server: LocalS3Server, bucket: str, tmp_path: object) -> None:
+def test_secret_never_printed(s3_server: LocalS3Server, s3_root: str, tmp_path: object) -> None:
     """Exceptions, reprs and CLI output of failing and succeeding calls never contain the secret."""
     secret = s3_server.secret
     seen: list[str] = [repr(Store(s3_server.storage_options)), repr(s3_server), str(Store(s3_server.storage_options))]
     wrong_key = Store({**s3_server.storage_options, "key": "AKIDONTKNOWYOU"})
-    for call in (lambda: wrong_key.list(bucket), lambda: wrong_key.read_bytes(f"{bucket}/x")):
+    for call in (lambda: wrong_key.list(s3_root), lambda: wrong_key.read_bytes(f"{s3_root}/x")):
         try:
             call()
         except s3pipes.S3PipesError as exc:
             seen += [str(exc), repr(exc), repr(exc.__cause__)]
     env = {**dict(__import__("os").environ), **s3_server.env()}
-    for argv in (["ls", bucket], ["ls", "s3://no-such-bucket-cli/"], ["ls", f"{bucket}/missing/"]):
-        result = subprocess.run([sys.executable, "-m", "s3pipes.cli", *argv], capture_output=True, text=True, env=env, timeout=60)
+    for argv in (["ls", s3_root], ["ls", "s3://no-such-bucket-cli/"], ["ls", f"{s3_root}/missing/"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "s3pipes.cli", *argv], capture_output=True, text=True, env=env, timeout=60
+        )
         seen += [result.stdout, result.stderr]
     missing_bucket_output = seen[-3]
     assert "no-such-bucket-cli" in missing_bucket_output and "bucket does not exist" in missing_bucket_output

@@ -11,24 +11,24 @@ from s3pipes import Store
 pytestmark = pytest.mark.integration
 
 
-def test_round_trip_and_sorted_listing(s3_store: Store, bucket: str) -> None:
+def test_round_trip_and_sorted_listing(s3_store: Store, s3_root: str) -> None:
     for name in ("train/b.tar", "train/a.tar", "train/sub/c.tar", "train/readme.txt", "val/x.tar"):
-        s3_store.write_bytes(f"{bucket}/{name}", name.encode())
-    assert s3_store.list(f"{bucket}/train/", suffix=".tar") == [
-        f"{bucket}/train/a.tar",
-        f"{bucket}/train/b.tar",
-        f"{bucket}/train/sub/c.tar",
+        s3_store.write_bytes(f"{s3_root}/{name}", name.encode())
+    assert s3_store.list(f"{s3_root}/train/", suffix=".tar") == [
+        f"{s3_root}/train/a.tar",
+        f"{s3_root}/train/b.tar",
+        f"{s3_root}/train/sub/c.tar",
     ]
-    assert s3_store.read_bytes(f"{bucket}/train/sub/c.tar", 6, 9) == b"sub"
-    assert s3_store.info(f"{bucket}/val/x.tar")["size"] == len(b"val/x.tar")
+    assert s3_store.read_bytes(f"{s3_root}/train/sub/c.tar", 6, 9) == b"sub"
+    assert s3_store.info(f"{s3_root}/val/x.tar")["size"] == len(b"val/x.tar")
 
 
-def test_empty_prefix_in_existing_bucket_lists_nothing(s3_store: Store, bucket: str) -> None:
-    assert s3_store.list(f"{bucket}/nothing-here/") == []
+def test_empty_prefix_in_existing_bucket_lists_nothing(s3_store: Store, s3_root: str) -> None:
+    assert s3_store.list(f"{s3_root}/nothing-here/") == []
 
 
-def test_large_write_is_published_only_on_clean_close(s3_store: Store, bucket: str) -> None:
-    url = f"{bucket}/big.bin"
+def test_large_write_is_published_only_on_clean_close(s3_store: Store, s3_root: str) -> None:
+    url = f"{s3_root}/big.bin"
     payload = bytes(range(256)) * (24 * 1024 * 4)  # 24 MiB: several multipart parts
     with s3_store.open(url, "wb") as f:
         f.write(payload)
@@ -44,16 +44,16 @@ def _list_in_child(store: Store, prefix: str, queue: multiprocessing.Queue[objec
     queue.put(store.list(prefix))
 
 
-def test_store_used_before_fork_works_in_forked_child(s3_store: Store, bucket: str) -> None:
+def test_store_used_before_fork_works_in_forked_child(s3_store: Store, s3_root: str) -> None:
     """s3fs clients hang after fork (s3fs#914); the Store builds a fresh one per process."""
-    s3_store.write_bytes(f"{bucket}/a.bin", b"1")
-    assert s3_store.list(bucket) == [f"{bucket}/a.bin"]  # parent's client and loop are live now
+    s3_store.write_bytes(f"{s3_root}/a.bin", b"1")
+    assert s3_store.list(s3_root) == [f"{s3_root}/a.bin"]  # parent's client and loop are live now
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[object] = context.Queue()
-    child = context.Process(target=_list_in_child, args=(s3_store, bucket, queue))
+    child = context.Process(target=_list_in_child, args=(s3_store, s3_root, queue))
     child.start()
     try:
-        assert queue.get(timeout=30) == [f"{bucket}/a.bin"]
+        assert queue.get(timeout=30) == [f"{s3_root}/a.bin"]
     finally:
         child.join(10)
         if child.is_alive():
