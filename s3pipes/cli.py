@@ -8,6 +8,7 @@ and a ``.env`` file when ``--env-file`` is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -44,15 +45,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.bucket:
             print(f"# buckets: {', '.join(args.bucket)}{' (versioned)' if args.versioned else ''}")
         print("# Ctrl-C stops the server" + ("" if args.data_dir else " and deletes its data"), flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="s3pipes", description="Composable PyTorch data pipelines over object storage.")
+    parser = argparse.ArgumentParser(
+        prog="s3pipes", description="Composable PyTorch data pipelines over object storage."
+    )
     parser.add_argument("--env-file", help="read AWS_* settings from this .env file (process environment wins)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -67,8 +67,10 @@ def main() -> None:
 
         urls = write_shards(store, "s3://datasets/demo/train")
         sizes = sum(store.info(url)["size"] for url in urls)
-        print(f"2. wrote {SHARDS * PER_SHARD} generated {SIZE}x{SIZE} PNG samples as {len(urls)} WebDataset shards"
-              f" ({sizes / 1e6:.2f} MB) under s3://datasets/demo/train/")
+        print(
+            f"2. wrote {SHARDS * PER_SHARD} generated {SIZE}x{SIZE} PNG samples as {len(urls)} WebDataset shards"
+            f" ({sizes / 1e6:.2f} MB) under s3://datasets/demo/train/"
+        )
 
         listed = store.list("s3://datasets/demo/train/", suffix=".tar")
         count, nbytes, batch = stream_samples(store, listed)

@@ -228,7 +228,7 @@ _EXCEPTION_TO_ERROR: tuple[tuple[str, type[S3PipesError]], ...] = (
     ("botocore.exceptions.ProxyConnectionError", EndpointUnreachable),
     ("aiohttp.client_exceptions.ClientConnectorError", EndpointUnreachable),
     ("botocore.exceptions.ReadTimeoutError", StoreTimeout),
-    ("asyncio.exceptions.TimeoutError", StoreTimeout),
+    ("builtins.TimeoutError", StoreTimeout),
     ("fsspec.exceptions.FSTimeoutError", StoreTimeout),
     ("builtins.ConnectionRefusedError", EndpointUnreachable),
     ("socket.gaierror", EndpointUnreachable),
@@ -303,6 +303,11 @@ def _detail(cls: type[S3PipesError], link: BaseException) -> str:
     return text or f"{type(link).__name__}: {link}"
 
 
+def _is_ambiguous(cls: type[S3PipesError], link: BaseException) -> bool:
+    """A bare 403/404 (HEAD replies carry no body) could mean several things."""
+    return cls in (AccessDenied, ObjectNotFound) and _error_code(link) in {"403", "404", None}
+
+
 def translate(
     exc: BaseException,
     *,
@@ -333,8 +338,7 @@ def translate(
     if isinstance(exc, S3PipesError):
         return exc
     found = classify(exc)
-    ambiguous = found is not None and found[0] in (AccessDenied, ObjectNotFound)
-    if ambiguous and probe is not None and _error_code(found[1]) in {"403", "404", None}:
+    if found is not None and probe is not None and _is_ambiguous(*found):
         probed = probe()
         refined = classify(probed) if probed is not None else None
         if refined is not None and _error_code(refined[1]) not in {"403", "404", None}:

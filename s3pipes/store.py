@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import fsspec
@@ -40,7 +41,7 @@ from fsspec.core import split_protocol
 
 from s3pipes import errors
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_READ_TIMEOUT", "Store", "load_env"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_READ_TIMEOUT", "Store", "StoreFile", "load_env"]
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
 """Seconds to wait for a TCP/TLS connection before reporting the endpoint unreachable."""
@@ -92,9 +93,7 @@ def _check_endpoint(endpoint: str, source: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         guess = f"http://{endpoint}" if "://" not in endpoint else None
         fix = f"; did you mean {guess!r}?" if guess else "; it must look like http://host:port"
-        raise errors.MalformedEndpoint(
-            f"endpoint {endpoint!r} (from {source}) is not an http(s) URL with a host{fix}"
-        )
+        raise errors.MalformedEndpoint(f"endpoint {endpoint!r} (from {source}) is not an http(s) URL with a host{fix}")
 
 
 def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: tuple[float, float]) -> dict[str, Any]:
@@ -106,7 +105,11 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     if endpoint is not None:
         _check_endpoint(endpoint, source)
         options["endpoint_url"] = endpoint
-    for option, variable in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"), ("token", "AWS_SESSION_TOKEN")):
+    for option, variable in (
+        ("key", "AWS_ACCESS_KEY_ID"),
+        ("secret", "AWS_SECRET_ACCESS_KEY"),
+        ("token", "AWS_SESSION_TOKEN"),
+    ):
         if options.get(option) is None and env.get(variable):
             options[option] = env[variable]
     region = client_kwargs.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
@@ -118,10 +121,10 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     config = dict(options.pop("config_kwargs", {}))
     config.setdefault("connect_timeout", timeouts[0])
     config.setdefault("read_timeout", timeouts[1])
-    # One botocore attempt per s3fs try: s3fs already retries connection errors
-    # (5 tries, 1.9 s of back-off in all), and botocore's own back-off on top of it
-    # made a refused connection take 10+ s to report.
-    config.setdefault("retries", {"mode": "standard", "max_attempts": 1})
+    # botocore's standard mode retries 5xx, throttling and dropped connections with
+    # back-off. That makes an endpoint that was never there slow to report (s3fs's own
+    # 5 tries on top: 10+ s), which is why Store.filesystem checks reachability first.
+    config.setdefault("retries", {"mode": "standard", "max_attempts": 3})
     if endpoint is not None:
         config.setdefault("s3", {"addressing_style": "path"})
     options["config_kwargs"] = config
@@ -207,6 +210,17 @@ class Store:
     def _options_for(self, protocol: str) -> dict[str, Any]:
         return dict(self._s3) if protocol in _S3_PROTOCOLS else dict(self._explicit)
 
+    def resolved_options(self, url: str) -> dict[str, Any]:
+        """The keyword arguments the filesystem for ``url`` is built with.
+
+        They include credentials: inspect them, do not log them.
+
+        Example:
+            >>> Store({"endpoint_url": "http://127.0.0.1:9000"}).resolved_options("s3://b/k")["client_kwargs"]
+            {'region_name': 'us-east-1'}
+        """
+        return self._options_for(self._protocol(url))
+
     def endpoint(self, url: str) -> str:
         """Where requests for ``url`` go, as named in error messages.
 
@@ -236,14 +250,37 @@ class Store:
                     cls = fsspec.get_filesystem_class(protocol)
                 except (ImportError, ValueError) as exc:
                     raise errors.InvalidURL(f"{url}: cannot open protocol {protocol!r}: {exc}") from None
-                options = self._options_for(protocol)
+                options = self.resolved_options(url)
                 if protocol == "file":
                     options.setdefault("auto_mkdir", True)
                 # skip_instance_cache: fsspec's class-level instance cache would hand
                 # the same (possibly forked) client to every Store in the process.
                 fs = cls(skip_instance_cache=True, **options)
+                if protocol in _S3_PROTOCOLS and options.get("endpoint_url"):
+                    self._check_reachable(url, str(options["endpoint_url"]))
                 self._filesystems[protocol] = fs
             return fs
+
+    def _check_reachable(self, url: str, endpoint: str) -> None:
+        """Fail in at most ``connect_timeout`` when nothing listens at a custom endpoint.
+
+        Once per filesystem (so once per process): later failures are retried as
+        transient, but a wrong host or port is a configuration error and is said at once,
+        not after a minute of back-off.
+        """
+        parts = urlsplit(endpoint)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=self._timeouts[0]).close()
+        except socket.gaierror as exc:
+            raise errors.translate(exc, url=url, endpoint=endpoint, redact=self.redact) from exc
+        except OSError as exc:  # refused, timed out, no route
+            detail = (
+                "connection refused: nothing is listening there"
+                if isinstance(exc, ConnectionRefusedError)
+                else (f"no connection within connect_timeout={self._timeouts[0]:g} s ({exc})")
+            )
+            raise errors.EndpointUnreachable(url, endpoint, detail) from exc
 
     def resolve(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         """``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take.
@@ -254,11 +291,7 @@ class Store:
             ('MemoryFileSystem', '/bucket/x.tar')
         """
         fs = self.filesystem(url)
-        return fs, fs._strip_protocol(url)
-
-    def url(self, url_like: str, path: str) -> str:
-        """The full URL of ``path`` on the filesystem of ``url_like`` (listings return paths)."""
-        return self.filesystem(url_like).unstrip_protocol(path)
+        return fs, str(fs._strip_protocol(url))
 
     # -- the error boundary -----------------------------------------------------------------
 
@@ -317,7 +350,8 @@ class Store:
             kwargs.setdefault("autocommit", False)
         with self.errors(url):
             handle = fs.open(path, mode, **kwargs)
-        return _TranslatingFile(handle, self, url, commit=writing and not kwargs["autocommit"])
+        # StoreFile implements the parts of IO[bytes] that readers and writers use.
+        return cast(IO[bytes], StoreFile(handle, self, url, commit=writing and not kwargs["autocommit"]))
 
     def read_bytes(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes (``[start, end)`` when given)."""
@@ -397,7 +431,7 @@ class Store:
         return f"Store(s3: {', '.join(parts) or 'default AWS chain'})"
 
 
-class _TranslatingFile:
+class StoreFile:
     """A file object whose errors (including those raised by close) go through the boundary.
 
     Opened for writing, it publishes the object on a clean ``close`` and discards it
@@ -482,7 +516,7 @@ class _TranslatingFile:
     def seekable(self) -> bool:
         return bool(self._handle.seekable())
 
-    def __enter__(self) -> _TranslatingFile:
+    def __enter__(self) -> StoreFile:
         return self
 
     def __exit__(

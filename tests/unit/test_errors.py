@@ -56,7 +56,9 @@ def test_mapped_exception_names_are_real_classes() -> None:
 
 
 def client_error(code: str, status: int, message: str = "msg") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,8 +70,11 @@ def client_error(code: str, status: int, message: str = "msg") -> ClientError:
         (client_error("SignatureDoesNotMatch", 403), errors.SignatureMismatch, PermissionError),
         (client_error("ExpiredToken", 400), errors.ExpiredCredentials, PermissionError),
         (client_error("AccessDenied", 403), errors.AccessDenied, PermissionError),
-        (client_error("AuthorizationHeaderMalformed", 400, "the region 'us-east-1' is wrong; expecting 'eu-west-1'"),
-         errors.WrongRegion, ValueError),
+        (
+            client_error("AuthorizationHeaderMalformed", 400, "the region 'us-east-1' is wrong; expecting 'eu-west-1'"),
+            errors.WrongRegion,
+            ValueError,
+        ),
         (client_error("PermanentRedirect", 301), errors.WrongRegion, ValueError),
         (client_error("InvalidBucketName", 400), errors.InvalidURL, ValueError),
         (NoCredentialsError(), errors.CredentialsMissing, PermissionError),

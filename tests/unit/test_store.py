@@ -15,13 +15,13 @@ ENDPOINT = "http://127.0.0.1:9"
 
 
 def s3(store: Store) -> dict[str, object]:
-    fs = store.filesystem("s3://bucket/key")
+    options = store.resolved_options("s3://bucket/key")
     return {
-        "endpoint": fs.client_kwargs.get("endpoint_url", getattr(fs, "endpoint_url", None)),
-        "key": fs.key,
-        "secret": fs.secret,
-        "region": fs.client_kwargs.get("region_name"),
-        "config": fs.config_kwargs,
+        "endpoint": options.get("endpoint_url"),
+        "key": options.get("key"),
+        "secret": options.get("secret"),
+        "region": options["client_kwargs"].get("region_name"),
+        "config": options["config_kwargs"],
     }
 
 
@@ -87,9 +87,7 @@ def test_malformed_endpoint_suggests_the_scheme() -> None:
         Store({"endpoint_url": "localhost:9000"})
 
 
-def test_env_file_is_read_only_when_asked(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_env_file_is_read_only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"AWS_ENDPOINT_URL={ENDPOINT}\nAWS_ACCESS_KEY_ID=file-key\n")
     monkeypatch.chdir(tmp_path)
     assert Store.from_env().endpoint("s3://b/k") == "AWS S3"
