@@ -4,13 +4,18 @@ The public surface is what ``__all__`` lists; everything else is private.
 Importing s3pipes reads no environment variable and opens no connection.
 """
 
+from s3pipes.decode import Decoder
 from s3pipes.errors import (
     AccessDenied,
     AuthError,
     BucketNotFound,
     ConfigError,
+    CorruptShard,
     CredentialsMissing,
     CredentialsRejected,
+    DataError,
+    DecodeError,
+    DuplicateField,
     EndpointError,
     EndpointUnreachable,
     ExpiredCredentials,
@@ -27,6 +32,7 @@ from s3pipes.errors import (
     UnknownAccessKey,
     WrongRegion,
 )
+from s3pipes.pipe import Pipe, from_urls, list_prefix, webdataset
 from s3pipes.store import Store, load_env
 
 __version__ = "0.1.0"
@@ -36,8 +42,13 @@ __all__ = [
     "AuthError",
     "BucketNotFound",
     "ConfigError",
+    "CorruptShard",
     "CredentialsMissing",
     "CredentialsRejected",
+    "DataError",
+    "DecodeError",
+    "Decoder",
+    "DuplicateField",
     "EndpointError",
     "EndpointUnreachable",
     "ExpiredCredentials",
@@ -45,6 +56,7 @@ __all__ = [
     "MalformedEndpoint",
     "NotFound",
     "ObjectNotFound",
+    "Pipe",
     "S3PipesError",
     "ServerError",
     "SignatureMismatch",
@@ -54,5 +66,8 @@ __all__ = [
     "StoreTimeout",
     "UnknownAccessKey",
     "WrongRegion",
+    "from_urls",
+    "list_prefix",
     "load_env",
+    "webdataset",
 ]

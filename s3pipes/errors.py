@@ -20,6 +20,10 @@ the builtin a caller would catch without knowing s3pipes, so
     │   │   ├── EndpointUnreachable     nothing listening, DNS failure, TLS failure
     │   │   └── StoreTimeout            connected, but the store stopped answering
     │   └── StoreRequestError(OSError)  any other failure, with the backend's words
+    ├── DataError(ValueError)           the bytes are not what the pipeline expects
+    │   ├── CorruptShard                not a readable tar stream (names shard and byte offset)
+    │   ├── DuplicateField              a field repeated in one sample (names shard and member)
+    │   └── DecodeError                 a field could not be decoded (names sample, shard, field)
     ├── ConfigError(ValueError)
     │   ├── MalformedEndpoint           e.g. "localhost:9000" (no scheme)
     │   ├── WrongRegion                 bucket lives in another region
@@ -42,8 +46,12 @@ __all__ = [
     "AuthError",
     "BucketNotFound",
     "ConfigError",
+    "CorruptShard",
     "CredentialsMissing",
     "CredentialsRejected",
+    "DataError",
+    "DecodeError",
+    "DuplicateField",
     "EndpointError",
     "EndpointUnreachable",
     "ExpiredCredentials",
@@ -65,6 +73,54 @@ __all__ = [
 
 class S3PipesError(Exception):
     """Base of every error raised by s3pipes."""
+
+
+class DataError(S3PipesError, ValueError):
+    """The data read is not what the pipeline expects.
+
+    Attributes:
+        url: the shard or object.
+        member: the tar member (or field) concerned, or "".
+        offset: byte offset in the object where the problem starts, or None.
+    """
+
+    def __init__(self, url: str, detail: str, *, member: str = "", offset: int | None = None) -> None:
+        self.url, self.detail, self.member, self.offset = url, detail, member, offset
+        where = "".join(
+            [f", member {member!r}" if member else "", f", byte offset {offset}" if offset is not None else ""]
+        )
+        super().__init__(f"{url}{where}: {detail}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_data_error, (type(self), self.url, self.detail, self.member, self.offset))
+
+
+def _rebuild_data_error(cls: type[DataError], url: str, detail: str, member: str, offset: int | None) -> DataError:
+    return cls(url, detail, member=member, offset=offset)
+
+
+class CorruptShard(DataError):
+    """A shard is not a readable tar stream (truncated, corrupt header, not a tar at all)."""
+
+
+class DuplicateField(DataError):
+    """Two members of one sample have the same key and extension."""
+
+
+class DecodeError(DataError):
+    """A field of a sample could not be decoded.
+
+    Attributes:
+        key: the sample's ``__key__``; field: the field name, e.g. ``"seg.png"``.
+    """
+
+    def __init__(self, key: str, url: str, field: str, detail: str) -> None:
+        self.key, self.field = key, field
+        super().__init__(url, f"cannot decode field {field!r} of sample {key!r}: {detail}", member=field)
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.key, self.url, self.field, self.detail))
 
 
 class ConfigError(S3PipesError, ValueError):

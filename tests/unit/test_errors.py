@@ -20,7 +20,15 @@ import s3pipes
 from s3pipes import errors
 
 BUILTINS = (FileNotFoundError, PermissionError, ConnectionError, ValueError, OSError, RuntimeError)
-RAISED_DIRECTLY = {errors.MalformedEndpoint, errors.ServerError, errors.StoreRequestError}
+# Raised by s3pipes' own checks, not translated from a backend.
+RAISED_DIRECTLY = {
+    errors.MalformedEndpoint,
+    errors.ServerError,
+    errors.StoreRequestError,
+    errors.CorruptShard,
+    errors.DuplicateField,
+    errors.DecodeError,
+}
 
 
 def all_errors() -> list[type[errors.S3PipesError]]:

@@ -1,0 +1,292 @@
+"""Pipe: the fluent facade. Each method adds one stage; a Pipe IS a PyTorch IterableDataset.
+
+A Pipe is a recipe, not a running iterator: the shard plan plus a list of stage
+steps. ``iter(pipe)`` builds the stage graph for the consumer it runs in (rank from
+``torch.distributed`` or ``RANK``/``WORLD_SIZE``, worker from DataLoader's worker
+info), so the same Pipe handed to a ``DataLoader(num_workers=N)`` gives every
+worker a disjoint set of shards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic
+
+import torch
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from torchdata.nodes import BaseNode
+
+from s3pipes._types import Sample, StateDict, T, U
+from s3pipes.stages.group import GroupByKey
+from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
+from s3pipes.stages.shards import Consumer, ShardPlan, Shards
+from s3pipes.stages.shuffle import ShuffleBuffer
+from s3pipes.stages.tar import Untar
+from s3pipes.stages.transform import Batch, Filter, Map
+from s3pipes.store import Store
+
+__all__ = ["Pipe", "current_consumer", "from_urls", "list_prefix", "webdataset"]
+
+_Step = tuple[type, Mapping[str, Any]]
+
+
+def current_consumer() -> Consumer:
+    """The (rank, world size, worker, workers) this code runs as.
+
+    Rank: ``torch.distributed`` when initialised, else ``RANK`` / ``WORLD_SIZE``, else 0 of 1.
+    Worker: the DataLoader worker info, else 0 of 1.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return Consumer(rank=rank, world_size=world, worker=worker, num_workers=workers)
+
+
+class Pipe(IterableDataset[T], Generic[T]):
+    """A chain of stages over a shard plan. Build one with :func:`list_prefix` or :func:`from_urls`.
+
+    Iteration order is deterministic given the seeds, the epoch (:meth:`set_epoch`) and
+    the consumer. ``state_dict()`` after any item, loaded into a fresh Pipe built the same
+    way, yields exactly the remaining items, in the same order.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(self, plan: ShardPlan, store: Store, steps: tuple[_Step, ...] = (), *, epoch: int = 0) -> None:
+        super().__init__()
+        self._plan, self._store, self._steps, self._epoch = plan, store, steps, epoch
+        self._pending: StateDict | None = None
+        self._live: _PipeIterator[T] | None = None
+
+    # -- planning (before any stage) -------------------------------------------------------
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """All shard URLs, sorted (before shuffling and splitting)."""
+        return self._plan.urls
+
+    def shuffle_shards(self, seed: int = 0) -> Pipe[T]:
+        """Shuffle the shard order each epoch: a pure function of ``(seed, epoch)``."""
+        if self._steps:
+            raise ValueError("shuffle_shards() must come before open_object(): it orders shards, not samples")
+        return Pipe(self._plan.shuffled(seed), self._store, (), epoch=self._epoch)
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _then(self, cls: type, **kwargs: Any) -> Pipe[Any]:
+        return Pipe(self._plan, self._store, (*self._steps, (cls, kwargs)), epoch=self._epoch)
+
+    def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Pipe[Any]:
+        """URL -> a lazily opened stream (``.url``, ``.read()``, ``.seek()``)."""
+        return self._then(OpenObject, block_size=block_size)
+
+    def untar(self) -> Pipe[Any]:
+        """Stream -> tar members (``.url``, ``.name``, ``.data``, ``.offset``), streaming."""
+        return self._then(Untar)
+
+    def group_by_key(self) -> Pipe[Sample]:
+        """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``."""
+        return self._then(GroupByKey)
+
+    def decode(self, image: str = "pil", **options: Any) -> Pipe[Sample]:
+        """Decode fields by extension (see :class:`s3pipes.decode.Decoder` for the choices)."""
+        from s3pipes.decode import Decoder
+
+        return self._then(Map, fn=Decoder(image=image, **options))
+
+    def map(self, fn: Callable[[T], U]) -> Pipe[U]:
+        """Apply ``fn`` to every item."""
+        return self._then(Map, fn=fn)
+
+    def filter(self, predicate: Callable[[T], bool]) -> Pipe[T]:
+        """Keep the items for which ``predicate`` is true."""
+        return self._then(Filter, predicate=predicate)
+
+    def shuffle(self, buffer_size: int, *, seed: int = 0) -> Pipe[T]:
+        """Shuffle items through a buffer; resumable (the state holds the buffer)."""
+        return self._then(ShuffleBuffer, buffer_size=buffer_size, seed=seed)
+
+    def batch(
+        self,
+        batch_size: int,
+        *,
+        collate: Callable[[list[T]], Any] | None = default_collate,
+        drop_last: bool = False,
+    ) -> Pipe[Any]:
+        """Group ``batch_size`` items and collate them (``collate=None`` gives lists)."""
+        return self._then(Batch, batch_size=batch_size, collate=collate, drop_last=drop_last)
+
+    # -- epochs and state ------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the shard and sample order. A loaded state of another epoch is dropped."""
+        self._epoch = int(epoch)
+        if self._pending is not None and self._pending["epoch"] != self._epoch:
+            self._pending = None
+
+    def state_dict(self) -> StateDict:
+        """The position after the last item yielded (or the loaded one, before iterating)."""
+        if self._pending is not None:
+            return self._pending
+        if self._live is not None:
+            return self._live.state_dict()
+        consumer = current_consumer()
+        return self._wrap(self._build(consumer).state_dict(), consumer)
+
+    def load_state_dict(self, state: StateDict) -> None:
+        """Resume from ``state`` at the next ``iter()``."""
+        if state.get("version") != self.STATE_VERSION or "node" not in state:
+            raise ValueError(f"not an s3pipes Pipe state dict (keys {sorted(state)})")
+        self._pending = dict(state)
+        self._epoch = int(state["epoch"])
+
+    def _wrap(self, node_state: StateDict, consumer: Consumer) -> StateDict:
+        return {
+            "version": self.STATE_VERSION,
+            "epoch": self._epoch,
+            "consumer": [consumer.rank, consumer.world_size, consumer.worker, consumer.num_workers],
+            "node": node_state,
+        }
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _build(self, consumer: Consumer) -> BaseNode[Any]:
+        node: BaseNode[Any] = Shards(self._plan, epoch=self._epoch, consumer=consumer)
+        for cls, kwargs in self._steps:
+            if cls is OpenObject:
+                node = OpenObject(node, self._store, **kwargs)
+            elif cls is ShuffleBuffer:
+                node = ShuffleBuffer(node, **kwargs, epoch=self._epoch, stream=consumer.index)
+            else:
+                node = cls(node, **kwargs)
+        return node
+
+    def __iter__(self) -> Iterator[T]:
+        consumer = current_consumer()
+        iterator: _PipeIterator[T] = _PipeIterator(self, consumer)
+        if self._pending is not None:
+            iterator.load_state_dict(self._pending)
+            self._pending = None
+        self._live = iterator
+        return iterator
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_live"] = None  # open streams stay with their process
+        return state
+
+    def __repr__(self) -> str:
+        lines = [f"Pipe({len(self._plan.urls)} shards, seed={self._plan.seed}, epoch={self._epoch})"]
+        for cls, kwargs in self._steps:
+            args = ", ".join(f"{k}={getattr(v, '__name__', v)!r}" for k, v in kwargs.items())
+            lines.append(f"  .{_method_name(cls)}({args})")
+        return "\n".join(lines)
+
+
+_METHOD_NAMES: dict[type, str] = {
+    OpenObject: "open_object",
+    Untar: "untar",
+    GroupByKey: "group_by_key",
+    ShuffleBuffer: "shuffle",
+}
+
+
+def _method_name(cls: type) -> str:
+    return _METHOD_NAMES.get(cls, cls.__name__.lower())
+
+
+class _PipeIterator(Iterator[T], Generic[T]):
+    """One pass over a Pipe for one consumer; Stateful for torchdata's StatefulDataLoader."""
+
+    def __init__(self, pipe: Pipe[T], consumer: Consumer) -> None:
+        self._pipe, self._consumer = pipe, consumer
+        self._node = pipe._build(consumer)
+        self._node.reset()
+
+    def __next__(self) -> T:
+        return next(self._node)  # type: ignore[no-any-return]
+
+    def state_dict(self) -> StateDict:
+        return self._pipe._wrap(self._node.state_dict(), self._consumer)
+
+    def load_state_dict(self, state: StateDict) -> None:
+        saved = Consumer(*state["consumer"])
+        if saved != self._consumer:
+            raise ValueError(
+                f"this state was saved by {saved} but is being loaded by {self._consumer}: "
+                "resume with the same world size and number of DataLoader workers"
+            )
+        self._node = self._pipe._build(self._consumer)
+        self._node.reset(state["node"])
+
+
+def _store(store: Store | None, storage_options: Mapping[str, Any] | None) -> Store:
+    if store is not None and storage_options is not None:
+        raise ValueError("pass either store= or storage_options=, not both")
+    return store if store is not None else Store.from_env(storage_options)
+
+
+def list_prefix(
+    prefix: str, *, suffix: str = "", store: Store | None = None, storage_options: Mapping[str, Any] | None = None
+) -> Pipe[str]:
+    """A Pipe over every object under ``prefix`` ending in ``suffix``, in sorted order.
+
+    The listing happens once, here, so every worker and rank splits the same list.
+
+    Example:
+        >>> store = Store()
+        >>> for i in range(3):
+        ...     store.write_bytes(f"memory://doc-lp/shard-{i}.tar", b"")
+        >>> list_prefix("memory://doc-lp/", suffix=".tar", store=store).urls[-1]
+        'memory://doc-lp/shard-2.tar'
+    """
+    store = _store(store, storage_options)
+    urls = store.list(prefix, suffix=suffix)
+    if not urls:
+        raise FileNotFoundError(f"no objects ending in {suffix!r} under {prefix} (endpoint {store.endpoint(prefix)})")
+    return Pipe(ShardPlan(tuple(urls)), store)
+
+
+def from_urls(
+    urls: str | Sequence[str], *, store: Store | None = None, storage_options: Mapping[str, Any] | None = None
+) -> Pipe[str]:
+    """A Pipe over explicit URLs; brace patterns expand (``shard-{000..015}.tar``).
+
+    Example:
+        >>> from_urls("memory://b/shard-{00..02}.tar", store=Store()).urls
+        ('memory://b/shard-00.tar', 'memory://b/shard-01.tar', 'memory://b/shard-02.tar')
+    """
+    from braceexpand import braceexpand
+
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    expanded = tuple(url for pattern in patterns for url in braceexpand(pattern))
+    if not expanded:
+        raise ValueError("from_urls() needs at least one URL")
+    return Pipe(ShardPlan(expanded), _store(store, storage_options))
+
+
+def webdataset(
+    source: str | Sequence[str],
+    *,
+    shuffle_seed: int | None = None,
+    suffix: str = ".tar",
+    store: Store | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Pipe[Sample]:
+    """List (a prefix ending in "/") or expand (URLs/patterns), shuffle shards, open, untar, group.
+
+    Example::
+
+        pipe = s3pipes.webdataset("s3://bucket/train/", shuffle_seed=0).decode("torch")
+    """
+    if isinstance(source, str) and source.endswith("/"):
+        pipe = list_prefix(source, suffix=suffix, store=store, storage_options=storage_options)
+    else:
+        pipe = from_urls(source, store=store, storage_options=storage_options)
+    if shuffle_seed is not None:
+        pipe = pipe.shuffle_shards(shuffle_seed)
+    return pipe.open_object().untar().group_by_key()

@@ -1,0 +1,78 @@
+"""Map, Filter and Batch: thin stages whose position is their source's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic
+
+from torch.utils.data import default_collate
+from torchdata.nodes import BaseNode
+
+from s3pipes._types import StateDict, T, U
+from s3pipes.stages.base import SOURCE_KEY, Stage, ThroughStage
+
+__all__ = ["Batch", "Filter", "Map"]
+
+
+class Map(ThroughStage[U], Generic[T, U]):
+    """Applies ``fn`` to every item."""
+
+    def __init__(self, source: BaseNode[T], fn: Callable[[T], U]) -> None:
+        super().__init__(source)
+        self.fn = fn
+
+    def next(self) -> U:
+        item: T = next(self.source)
+        return self.fn(item)
+
+
+class Filter(ThroughStage[T]):
+    """Keeps the items for which ``predicate`` is true."""
+
+    def __init__(self, source: BaseNode[T], predicate: Callable[[T], bool]) -> None:
+        super().__init__(source)
+        self.predicate = predicate
+
+    def next(self) -> T:
+        while True:
+            item: T = next(self.source)
+            if self.predicate(item):
+                return item
+
+
+class Batch(Stage[Any], Generic[T]):
+    """Groups ``batch_size`` items and collates them (torch's ``default_collate`` by default).
+
+    A batch is built whole inside ``next``, so the position between batches is the
+    source's: resume never splits a batch.
+    """
+
+    def __init__(
+        self,
+        source: BaseNode[T],
+        batch_size: int,
+        *,
+        collate: Callable[[list[T]], Any] | None = default_collate,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"{batch_size=} must be a positive integer")
+        self.source, self.batch_size, self.collate, self.drop_last = source, batch_size, collate, drop_last
+
+    def reset(self, initial_state: StateDict | None = None) -> None:
+        super().reset(initial_state)
+        self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
+
+    def next(self) -> Any:
+        items: list[T] = []
+        for item in self.source:
+            items.append(item)
+            if len(items) == self.batch_size:
+                break
+        if not items or (self.drop_last and len(items) < self.batch_size):
+            raise StopIteration
+        return self.collate(items) if self.collate is not None else items
+
+    def get_state(self) -> StateDict:
+        return {SOURCE_KEY: self.source.state_dict()}

@@ -1,0 +1,215 @@
+"""The streaming pipeline on memory:// and file://: resume, split, format compatibility, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import s3pipes as sp
+from s3pipes import Store
+from s3pipes.stages import Consumer, ShardPlan, TooFewShards
+from tests.contract import assert_disjoint_cover, assert_resumes, run
+
+SHARDS, PER_SHARD = 5, 7
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_shards(root: str, shards: int = SHARDS, per_shard: int = PER_SHARD, store: Store | None = None) -> list[str]:
+    store = store or Store()
+    urls = []
+    for s in range(shards):
+        url = f"{root}/shard-{s:03d}.tar"
+        with store.open(url, "wb") as f, webdataset.TarWriter(f) as writer:
+            for i in range(per_shard):
+                n = s * per_shard + i
+                writer.write(
+                    {"__key__": f"sample{n:04d}", "png": png(n), "cls": str(n % 3).encode(), "json": b'{"n": %d}' % n}
+                )
+        urls.append(url)
+    return urls
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> str:
+    # file://, not memory://: memory:// hands every reader of an object the same file
+    # object, so two live iterators over one shard would move each other's position.
+    root = f"file://{tmp_path}"
+    write_shards(root)
+    return root
+
+
+def keys(pipe: sp.Pipe) -> list[str]:
+    return [sample["__key__"] for sample in pipe]
+
+
+def test_every_sample_once_with_key_url_and_fields(shards: str) -> None:
+    samples = list(sp.webdataset(f"{shards}/"))
+    assert [s["__key__"] for s in samples] == [f"sample{n:04d}" for n in range(SHARDS * PER_SHARD)]
+    assert samples[8]["__url__"] == f"{shards}/shard-001.tar"
+    assert set(samples[0]) == {"__key__", "__url__", "png", "cls", "json"}
+
+
+def test_shard_order_is_a_pure_function_of_seed_and_epoch(shards: str) -> None:
+    def order(seed: int, epoch: int) -> list[str]:
+        pipe = sp.webdataset(f"{shards}/", shuffle_seed=seed)
+        pipe.set_epoch(epoch)
+        return keys(pipe)
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert sorted(order(0, 1)) == sorted(order(1, 3))
+
+
+@pytest.mark.parametrize(
+    "extend",
+    [
+        pytest.param(lambda p: p, id="group"),
+        pytest.param(lambda p: p.map(lambda s: s["__key__"]).filter(lambda k: not k.endswith("3")), id="map-filter"),
+        pytest.param(lambda p: p.decode("torch").map(lambda s: (s["__key__"], s["png"], s["cls"])), id="decode"),
+        pytest.param(lambda p: p.map(lambda s: s["__key__"]).shuffle(5, seed=3), id="shuffle-buffer"),
+        pytest.param(lambda p: p.decode("numpy").map(lambda s: s["cls"]).batch(4), id="batch"),
+    ],
+)
+def test_resumes_exactly_after_every_item(shards: str, extend: object) -> None:
+    def make() -> sp.Pipe:
+        return extend(sp.webdataset(f"{shards}/", shuffle_seed=1))  # type: ignore[operator, no-any-return]
+
+    assert_resumes(make, json_state=False)
+
+
+def test_state_is_small_and_json_serialisable(shards: str) -> None:
+    pipe = sp.webdataset(f"{shards}/", shuffle_seed=1).decode()
+    iterator = iter(pipe)
+    for _ in range(10):
+        next(iterator)
+    text = json.dumps(pipe.state_dict())
+    assert len(text) < 400, text
+    assert_resumes(lambda: sp.webdataset(f"{shards}/", shuffle_seed=1).map(lambda s: s["__key__"]), json_state=True)
+
+
+def test_mid_shard_resume_reopens_at_the_member_offset(shards: str) -> None:
+    pipe = sp.webdataset(f"{shards}/")
+    iterator = iter(pipe)
+    for _ in range(PER_SHARD + 3):
+        next(iterator)
+    state = pipe.state_dict()
+    untar_state = state["node"]["source"]
+    assert untar_state["offset"] > 0, "the position is a byte offset inside the shard"
+
+
+def test_load_refuses_state_of_another_consumer(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipe = sp.webdataset(f"{shards}/")
+    next(iter(pipe))
+    state = pipe.state_dict()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    other = sp.webdataset(f"{shards}/")
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match="rank 0/1, worker 0/1 but is being loaded by rank 1/2"):
+        iter(other)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_plan_split_is_a_disjoint_cover(world: int, workers: int) -> None:
+    plan = ShardPlan(tuple(f"s{i}" for i in range(11)), seed=4)
+    parts = [
+        plan.assigned(2, Consumer(rank=r, world_size=world, worker=w, num_workers=workers))
+        for r in range(world)
+        for w in range(workers)
+    ]
+    assert_disjoint_cover(parts, plan.urls)
+
+
+def test_fewer_shards_than_consumers_is_a_clear_error() -> None:
+    plan = ShardPlan(("a", "b"))
+    with pytest.raises(TooFewShards, match=r"2 shard.* 2 rank.* 2 DataLoader worker.* = 4 consumers"):
+        plan.assigned(0, Consumer(rank=0, world_size=2, worker=0, num_workers=2))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes:UserWarning")
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+def test_dataloader_workers_and_ranks_see_every_sample_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world: int, num_workers: int
+) -> None:
+    root = f"file://{tmp_path}"
+    write_shards(root, shards=9, per_shard=3)
+    everything = [f"sample{n:04d}" for n in range(27)]
+    parts = []
+    for rank in range(world):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        pipe = sp.webdataset(f"{root}/", shuffle_seed=0).map(lambda s: s["__key__"])
+        loader = DataLoader(
+            pipe, batch_size=None, num_workers=num_workers, multiprocessing_context="fork" if num_workers else None
+        )
+        parts.append(list(loader))
+    assert_disjoint_cover(parts, everything)
+
+
+def test_reads_shards_written_by_gnu_tar(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "a" / "b").mkdir(parents=True)
+    (source / "a" / "b" / "x.seg.png").write_bytes(png(1))
+    (source / "a" / "b" / "x.cls").write_text("7")
+    (source / "a" / "b" / ("long" * 40 + ".txt")).write_text("a GNU long name")
+    (source / "README").write_text("not a sample member")
+    out = tmp_path / "shards"
+    out.mkdir()
+    subprocess.run(["tar", "--format=gnu", "-cf", str(out / "gnu.tar"), "-C", str(source), "a", "README"], check=True)
+    samples = list(sp.webdataset(f"file://{out}/").decode())
+    by_key = {s["__key__"]: s for s in samples}
+    assert by_key["a/b/x"]["cls"] == 7
+    assert by_key["a/b/x"]["seg.png"].size == (4, 4)
+    assert by_key["a/b/" + "long" * 40]["txt"] == "a GNU long name"
+    assert all("README" not in key for key in by_key)
+
+
+def test_repeated_field_names_shard_and_member(mem_root: str) -> None:
+    import tarfile
+
+    url = f"{mem_root}/dup.tar"
+    with Store().open(url, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+        for name in ("k1.txt", "k1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(sp.DuplicateField, match=r"dup\.tar, member 'k1\.txt'"):
+        list(sp.webdataset(url))
+
+
+def test_corrupt_shard_names_url_and_offset(mem_root: str) -> None:
+    url = write_shards(mem_root, shards=1)[0]
+    data = Store().read_bytes(url)
+    Store().write_bytes(url, data[:1500] + b"\xff" * 600)
+    with pytest.raises(sp.CorruptShard, match=r"shard-000\.tar, byte offset \d+") as info:
+        list(sp.webdataset(url))
+    assert isinstance(info.value, ValueError)
+
+
+def test_repr_shows_the_chain_without_secrets(shards: str) -> None:
+    store = Store({"key": "AKIDEXAMPLE", "secret": "hunter2-secret"})
+    pipe = sp.from_urls(f"{shards}/shard-{{000..004}}.tar", store=store).shuffle_shards(3).open_object().untar()
+    text = repr(pipe)
+    assert "5 shards, seed=3" in text and ".untar()" in text
+    assert "hunter2-secret" not in text
+
+
+def test_pipe_is_an_iterable_dataset(shards: str) -> None:
+    assert isinstance(sp.webdataset(f"{shards}/"), torch.utils.data.IterableDataset)
+    assert len(run(sp.webdataset(f"{shards}/").map(lambda s: s["__key__"]))) == SHARDS * PER_SHARD
