@@ -169,6 +169,7 @@ class Store:
         # Validate (and resolve) S3 settings now, so a malformed endpoint fails at construction.
         self._s3 = _s3_options(self._explicit, self._env, self._timeouts)
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+        self._inherited: list[fsspec.AbstractFileSystem] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -242,7 +243,11 @@ class Store:
         """The filesystem for ``url``'s protocol, built once in this process."""
         protocol = self._protocol(url)
         with self._lock:
-            if self._pid != os.getpid():  # forked: never reuse the parent's clients
+            if self._pid != os.getpid():  # forked: never reuse the parent's clients...
+                # ...and never let them be collected here either: their finalizers would
+                # close connections whose sockets the parent still uses (measured: the
+                # parent's next request then hung for read_timeout).
+                self._inherited.extend(self._filesystems.values())
                 self._filesystems, self._pid = {}, os.getpid()
             fs = self._filesystems.get(protocol)
             if fs is None:
@@ -410,7 +415,7 @@ class Store:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_filesystems"], state["_lock"] = {}, None
+        state["_filesystems"], state["_inherited"], state["_lock"] = {}, [], None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import pytest
 
@@ -58,3 +59,8 @@ def test_store_used_before_fork_works_in_forked_child(s3_store: Store, s3_root: 
         child.join(10)
         if child.is_alive():
             child.kill()
+    # The child must not have closed connections the parent still pools (it did: the
+    # parent's next request hung for the whole read timeout).
+    started = time.monotonic()
+    assert s3_store.list(s3_root) == [f"{s3_root}/a.bin"]
+    assert time.monotonic() - started < 5
