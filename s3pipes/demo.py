@@ -15,6 +15,7 @@ import torch
 import webdataset
 from PIL import Image
 
+import s3pipes as sp
 from s3pipes import Store
 from s3pipes.server import LocalS3Server
 
@@ -42,19 +43,14 @@ def write_shards(store: Store, prefix: str) -> list[str]:
     return urls
 
 
-def stream_samples(store: Store, urls: list[str]) -> tuple[int, int, torch.Tensor]:
-    """Stream every shard and decode it; returns (samples, bytes, a batch of images)."""
-    samples = nbytes = 0
-    images = []
-    for url in urls:
-        with store.open(url) as stream:
-            for member in webdataset.tariterators.tar_file_iterator(stream):
-                nbytes += len(member["data"])
-                if member["fname"].endswith(".png"):
-                    samples += 1
-                    image = np.array(Image.open(io.BytesIO(member["data"])))
-                    images.append(torch.from_numpy(image).permute(2, 0, 1))
-    return samples, nbytes, torch.stack(images[:8])
+def stream_samples(store: Store, prefix: str) -> tuple[int, int, torch.Tensor]:
+    """Stream every shard through a pipeline; returns (samples, distinct classes, a batch of images)."""
+    pipe = sp.webdataset(prefix, shuffle_seed=0, store=store).decode("torch").map(lambda s: (s["png"], s["cls"]))
+    images, labels = [], []
+    for image, label in pipe:
+        images.append(image)
+        labels.append(label)
+    return len(images), len(set(labels)), torch.stack(images[:8])
 
 
 def main() -> None:
@@ -72,12 +68,14 @@ def main() -> None:
             f" ({sizes / 1e6:.2f} MB) under s3://datasets/demo/train/"
         )
 
-        listed = store.list("s3://datasets/demo/train/", suffix=".tar")
-        count, nbytes, batch = stream_samples(store, listed)
-        print(f"3. streamed them back: {count} samples, {nbytes / 1e6:.2f} MB of members, batch {tuple(batch.shape)}")
+        count, classes, batch = stream_samples(store, "s3://datasets/demo/train/")
+        print(
+            f"3. streamed them back through list -> shuffle_shards -> open -> untar -> group -> decode:"
+            f" {count} samples, {classes} classes, first batch {tuple(batch.shape)} {batch.dtype}"
+        )
 
         model = torch.nn.Linear(SIZE * SIZE * 3, 10)
-        state = {"model": model.state_dict(), "step": 1, "data": {"shards_done": len(listed)}}
+        state = {"model": model.state_dict(), "step": 1}
         with store.open("s3://checkpoints/demo/run-1/step-1.pt", "wb") as f:
             torch.save(state, f)
         with store.open("s3://checkpoints/demo/run-1/step-1.pt") as f:
