@@ -20,6 +20,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
+from s3pipes.stages.parallel import ParallelMap
 from s3pipes.stages.shards import Consumer, ShardPlan, Shards
 from s3pipes.stages.shuffle import ShuffleBuffer
 from s3pipes.stages.tar import Untar
@@ -92,14 +93,20 @@ class Pipe(IterableDataset[T], Generic[T]):
         """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``."""
         return self._then(GroupByKey)
 
-    def decode(self, image: str = "pil", **options: Any) -> Pipe[Sample]:
-        """Decode fields by extension (see :class:`s3pipes.decode.Decoder` for the choices)."""
+    def decode(self, image: str = "pil", *, workers: int = 0, **options: Any) -> Pipe[Sample]:
+        """Decode fields by extension (:class:`s3pipes.decode.Decoder` has the choices).
+
+        ``workers`` > 0 decodes on that many threads (Pillow releases the GIL), in order.
+        """
         from s3pipes.decode import Decoder
 
-        return self._then(Map, fn=Decoder(image=image, **options))
+        decoder: Callable[[Any], Sample] = Decoder(image=image, **options)
+        return self.map(decoder, workers=workers)
 
-    def map(self, fn: Callable[[T], U]) -> Pipe[U]:
-        """Apply ``fn`` to every item."""
+    def map(self, fn: Callable[[T], U], *, workers: int = 0) -> Pipe[U]:
+        """Apply ``fn`` to every item; on ``workers`` threads, in order, if > 0."""
+        if workers:
+            return self._then(ParallelMap, fn=fn, workers=workers)
         return self._then(Map, fn=fn)
 
     def filter(self, predicate: Callable[[T], bool]) -> Pipe[T]:
@@ -192,6 +199,7 @@ _METHOD_NAMES: dict[type, str] = {
     Untar: "untar",
     GroupByKey: "group_by_key",
     ShuffleBuffer: "shuffle",
+    ParallelMap: "map",
 }
 
 

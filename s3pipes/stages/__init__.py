@@ -3,6 +3,7 @@
 from s3pipes.stages.base import SOURCE_KEY, Stage, ThroughStage
 from s3pipes.stages.group import GroupByKey, split_key
 from s3pipes.stages.open import ObjectStream, OpenObject
+from s3pipes.stages.parallel import ParallelMap
 from s3pipes.stages.shards import Consumer, ShardPlan, Shards, TooFewShards
 from s3pipes.stages.shuffle import ShuffleBuffer
 from s3pipes.stages.tar import TarMember, Untar
@@ -17,6 +18,7 @@ __all__ = [
     "Map",
     "ObjectStream",
     "OpenObject",
+    "ParallelMap",
     "ShardPlan",
     "Shards",
     "ShuffleBuffer",

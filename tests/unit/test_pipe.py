@@ -80,6 +80,9 @@ def test_shard_order_is_a_pure_function_of_seed_and_epoch(shards: str) -> None:
         pytest.param(lambda p: p, id="group"),
         pytest.param(lambda p: p.map(lambda s: s["__key__"]).filter(lambda k: not k.endswith("3")), id="map-filter"),
         pytest.param(lambda p: p.decode("torch").map(lambda s: (s["__key__"], s["png"], s["cls"])), id="decode"),
+        pytest.param(
+            lambda p: p.decode("numpy", workers=2).map(lambda s: (s["__key__"], s["png"])), id="decode-threads"
+        ),
         pytest.param(lambda p: p.map(lambda s: s["__key__"]).shuffle(5, seed=3), id="shuffle-buffer"),
         pytest.param(lambda p: p.decode("numpy").map(lambda s: s["cls"]).batch(4), id="batch"),
     ],
@@ -213,3 +216,13 @@ def test_repr_shows_the_chain_without_secrets(shards: str) -> None:
 def test_pipe_is_an_iterable_dataset(shards: str) -> None:
     assert isinstance(sp.webdataset(f"{shards}/"), torch.utils.data.IterableDataset)
     assert len(run(sp.webdataset(f"{shards}/").map(lambda s: s["__key__"]))) == SHARDS * PER_SHARD
+
+
+def test_decode_threads_end_with_the_epoch(shards: str) -> None:
+    import threading
+
+    before = {t for t in threading.enumerate() if t.name.startswith("s3pipes-map")}
+    decoded = list(sp.webdataset(f"{shards}/").decode("pil", workers=2))
+    assert len(decoded) == SHARDS * PER_SHARD and decoded[0]["png"].size == (4, 4)
+    after = {t for t in threading.enumerate() if t.name.startswith("s3pipes-map")}
+    assert after <= before, "decode threads left running after the epoch"

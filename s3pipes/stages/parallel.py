@@ -1,0 +1,89 @@
+"""ParallelMap: an ordered map on a thread pool, for work that releases the GIL (image decoding).
+
+torchdata 0.11's ``ParallelMapper`` does this too, but its ``reset`` can leave the old
+reader thread running and consuming source items (pytorch/data PR #1482, fixed after
+0.11); a resumable pipeline cannot afford that, so this stage owns its threads outright.
+
+Order is the source's. The position after an item is the source state recorded just
+before the *next* item was pulled, so in-flight work is simply redone on resume.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Generic
+
+from torchdata.nodes import BaseNode
+
+from s3pipes._types import StateDict, T, U
+from s3pipes.stages.base import SOURCE_KEY, Stage
+
+__all__ = ["ParallelMap"]
+
+
+class ParallelMap(Stage[U], Generic[T, U]):
+    """Applies ``fn`` on ``workers`` threads, ``2 * workers`` items in flight, in order.
+
+    Args:
+        source: the items.
+        fn: the function; it must be thread-safe.
+        workers: threads (>= 1).
+    """
+
+    def __init__(self, source: BaseNode[T], fn: Callable[[T], U], *, workers: int) -> None:
+        super().__init__()
+        if workers < 1:
+            raise ValueError(f"{workers=} must be at least 1")
+        self.source, self.fn, self.workers = source, fn, workers
+        self._pool: ThreadPoolExecutor | None = None
+
+    def reset(self, initial_state: StateDict | None = None) -> None:
+        super().reset(initial_state)
+        self.shutdown()
+        self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="s3pipes-map")
+        # (source state before the item was pulled, the work) for each item in flight
+        self._in_flight: deque[tuple[StateDict, Future[U]]] = deque()
+        self._exhausted = False
+
+    def _fill(self) -> None:
+        if self._pool is None:
+            return
+        while not self._exhausted and len(self._in_flight) < 2 * self.workers:
+            before = self.source.state_dict()
+            try:
+                item = next(self.source)
+            except StopIteration:
+                self._exhausted = True
+                return
+            self._in_flight.append((before, self._pool.submit(self.fn, item)))
+
+    def next(self) -> U:
+        self._fill()
+        if not self._in_flight:
+            self.shutdown()  # the epoch is over: no thread outlives it
+            raise StopIteration
+        _, future = self._in_flight.popleft()
+        result = future.result()
+        self._fill()
+        return result
+
+    def get_state(self) -> StateDict:
+        if self._in_flight:
+            return {SOURCE_KEY: self._in_flight[0][0]}
+        return {SOURCE_KEY: self.source.state_dict()}
+
+    def shutdown(self) -> None:
+        """Stop the threads (pending work is dropped). Idempotent."""
+        if self._pool is not None:
+            for _, future in getattr(self, "_in_flight", ()):
+                future.cancel()
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
