@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict, T, U
+from s3pipes.errors import ObjectNotFound
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
 from s3pipes.stages.parallel import ParallelMap
@@ -214,8 +215,10 @@ class _PipeIterator(Iterator[T], Generic[T]):
         self._pipe, self._consumer = pipe, consumer
         self._node = pipe._build(consumer)
         self._node.reset()
+        self._applied: StateDict | None = None  # the state loaded, until an item is taken
 
     def __next__(self) -> T:
+        self._applied = None
         return next(self._node)  # type: ignore[no-any-return]
 
     def state_dict(self) -> StateDict:
@@ -228,8 +231,11 @@ class _PipeIterator(Iterator[T], Generic[T]):
                 f"this state was saved by {saved} but is being loaded by {self._consumer}: "
                 "resume with the same world size and number of DataLoader workers"
             )
+        if state == self._applied:
+            return  # StatefulDataLoader restores the dataset and then its iterator: one reopen is enough
         self._node = self._pipe._build(self._consumer)
         self._node.reset(state["node"])
+        self._applied = state
 
 
 def _store(store: Store | None, storage_options: Mapping[str, Any] | None) -> Store:
@@ -255,7 +261,7 @@ def list_prefix(
     store = _store(store, storage_options)
     urls = store.list(prefix, suffix=suffix)
     if not urls:
-        raise FileNotFoundError(f"no objects ending in {suffix!r} under {prefix} (endpoint {store.endpoint(prefix)})")
+        raise ObjectNotFound(prefix, store.endpoint(prefix), f"no objects ending in {suffix!r} under this prefix")
     return Pipe(ShardPlan(tuple(urls)), store)
 
 

@@ -226,3 +226,9 @@ def test_decode_threads_end_with_the_epoch(shards: str) -> None:
     assert len(decoded) == SHARDS * PER_SHARD and decoded[0]["png"].size == (4, 4)
     after = {t for t in threading.enumerate() if t.name.startswith("s3pipes-map")}
     assert after <= before, "decode threads left running after the epoch"
+
+
+def test_empty_prefix_is_an_object_not_found_naming_it(shards: str) -> None:
+    with pytest.raises(sp.ObjectNotFound, match=r"no objects ending in '\.tgz' under this prefix") as info:
+        sp.list_prefix(f"{shards}/", suffix=".tgz")
+    assert shards in str(info.value)
