@@ -1,0 +1,145 @@
+"""The focused tar reader agrees with the standard library's on every format we meet."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset
+
+from s3pipes.stages._tarparse import BLOCK, Member, TarFormatError, TarReader
+
+LONG = "deep/" * 30 + "name-" * 10 + "x.seg.png"  # > 100 chars: needs pax / GNU / ustar prefix
+
+
+def members(data: bytes, start: int = 0, chunk: int = 4096) -> list[Member]:
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    reader = TarReader(stream.read, start, chunk=chunk)
+    found = []
+    while (member := reader.next()) is not None:
+        found.append(member)
+    return found
+
+
+def reference(data: bytes) -> list[tuple[str, bytes, int]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
+        out = []
+        for info in tar:
+            if info.isfile():
+                extracted = tar.extractfile(info)
+                assert extracted is not None
+                out.append((info.name, extracted.read(), info.offset))
+        return out
+
+
+def stdlib_tar(fmt: int) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as tar:
+        for name, payload in [("a.txt", b"x" * 512), ("empty.cls", b""), (LONG, b"y" * 1000), ("ü/ñ.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        directory = tarfile.TarInfo("somedir")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        link = tarfile.TarInfo("link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.txt"
+        tar.addfile(link)
+        info = tarfile.TarInfo("last.bin")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"end"))
+    return buffer.getvalue()
+
+
+def webdataset_tar() -> bytes:
+    buffer = io.BytesIO()
+    with webdataset.TarWriter(buffer) as writer:
+        for i in range(20):
+            writer.write({"__key__": f"s{i:03d}", "jpg": bytes([i]) * (i * 300), "cls": str(i).encode()})
+    return buffer.getvalue()
+
+
+def gnu_tar(tmp_path: Path, fmt: str) -> bytes:
+    root = tmp_path / fmt
+    (root / Path(LONG).parent).mkdir(parents=True)
+    (root / LONG).write_bytes(b"long" * 100)
+    (root / "short.txt").write_text("hello")
+    out = tmp_path / f"{fmt}.tar"
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(out), "-C", str(root), "."], check=True)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "gnu", "pax"]
+)
+def test_matches_tarfile_for_stdlib_formats(fmt: int) -> None:
+    data = stdlib_tar(fmt) if fmt != tarfile.USTAR_FORMAT else stdlib_tar_ustar()
+    got = [(m.name, m.data, m.offset) for m in members(data)]
+    assert got == reference(data)
+
+
+def stdlib_tar_ustar() -> bytes:
+    # ustar cannot hold the non-ASCII name; everything else is the same
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in [("a.txt", b"x" * 512), (LONG, b"y" * 1000)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def test_matches_tarfile_for_webdataset_shards() -> None:
+    data = webdataset_tar()
+    assert [(m.name, m.data, m.offset) for m in members(data)] == reference(data)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
+def test_matches_tarfile_for_gnu_tar(tmp_path: Path, fmt: str) -> None:
+    data = gnu_tar(tmp_path, fmt)
+    got = [(m.name, m.data, m.offset) for m in members(data)]
+    assert got == reference(data)
+    assert any(name.endswith("x.seg.png") for name, _, _ in got)
+
+
+@pytest.mark.parametrize("chunk", [BLOCK, 700, 1 << 20])
+def test_resuming_at_any_member_offset_gives_the_rest(chunk: int) -> None:
+    data = stdlib_tar(tarfile.PAX_FORMAT)
+    everything = members(data, chunk=chunk)
+    for i, member in enumerate(everything):
+        assert members(data, start=member.offset, chunk=chunk) == everything[i:]
+        assert members(data, start=member.next_offset, chunk=chunk) == everything[i + 1 :]
+
+
+def test_truncation_inside_a_member_is_an_error_with_offset() -> None:
+    data = webdataset_tar()
+    big = max(members(data), key=lambda m: len(m.data))
+    data_starts = big.next_offset - -(-len(big.data) // BLOCK) * BLOCK
+    for cut in (big.offset + 100, big.offset + BLOCK + 7, data_starts + len(big.data) // 2):
+        with pytest.raises(TarFormatError, match=r"truncated|ends inside") as info:
+            members(data[:cut])
+        assert big.offset <= info.value.offset < big.next_offset
+
+
+def test_stream_ending_between_members_is_a_clean_end() -> None:
+    data = webdataset_tar()
+    everything = members(data)
+    assert members(data[: everything[5].offset]) == everything[:5]
+
+
+def test_corrupt_header_is_detected_by_checksum() -> None:
+    data = bytearray(webdataset_tar())
+    target = members(bytes(data))[3]
+    data[target.offset + 10] ^= 0x20  # flip a bit in the (pax) header's name field
+    with pytest.raises(TarFormatError, match="checksum") as info:
+        members(bytes(data))
+    assert info.value.offset == target.offset
+
+
+def test_random_bytes_are_not_a_tar() -> None:
+    with pytest.raises(TarFormatError, match="checksum"):
+        members(bytes(range(256)) * 8)
