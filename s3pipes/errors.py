@@ -18,6 +18,7 @@ the builtin a caller would catch without knowing s3pipes, so
     │   │   └── AccessDenied            valid credentials, no permission
     │   ├── EndpointError(ConnectionError)
     │   │   ├── EndpointUnreachable     nothing listening, DNS failure, TLS failure
+    │   │   ├── ConnectionDropped       the endpoint closed or reset the connection mid-request
     │   │   └── StoreTimeout            connected, but the store stopped answering
     │   └── StoreRequestError(OSError)  any other failure, with the backend's words
     ├── DataError(ValueError)           the bytes are not what the pipeline expects
@@ -46,6 +47,7 @@ __all__ = [
     "AuthError",
     "BucketNotFound",
     "ConfigError",
+    "ConnectionDropped",
     "CorruptShard",
     "CredentialsMissing",
     "CredentialsRejected",
@@ -239,6 +241,12 @@ class EndpointUnreachable(EndpointError):
     default_hint = "Check the endpoint URL (AWS_ENDPOINT_URL / endpoint_url) and that the server is running"
 
 
+class ConnectionDropped(EndpointError):
+    """The endpoint accepted the connection, then closed or reset it before answering."""
+
+    default_hint = "The endpoint or a proxy in front of it is dropping connections; check its logs and load"
+
+
 class StoreTimeout(EndpointError):
     """The endpoint accepted the connection but stopped answering."""
 
@@ -284,6 +292,9 @@ _EXCEPTION_TO_ERROR: tuple[tuple[str, type[S3PipesError]], ...] = (
     ("botocore.exceptions.ProxyConnectionError", EndpointUnreachable),
     ("aiohttp.client_exceptions.ClientConnectorError", EndpointUnreachable),
     ("botocore.exceptions.ReadTimeoutError", StoreTimeout),
+    ("botocore.exceptions.ConnectionClosedError", ConnectionDropped),
+    ("aiohttp.client_exceptions.ServerDisconnectedError", ConnectionDropped),
+    ("builtins.ConnectionResetError", ConnectionDropped),
     ("builtins.TimeoutError", StoreTimeout),
     ("fsspec.exceptions.FSTimeoutError", StoreTimeout),
     ("builtins.ConnectionRefusedError", EndpointUnreachable),
@@ -348,6 +359,7 @@ def _detail(cls: type[S3PipesError], link: BaseException) -> str:
         CredentialsRejected: "credentials rejected",
         AccessDenied: "access denied",
         EndpointUnreachable: "endpoint unreachable",
+        ConnectionDropped: "the endpoint closed the connection before answering",
         StoreTimeout: "the store did not answer in time",
         WrongRegion: "the bucket is in another region than requests are signed for",
     }.get(cls, "")
@@ -359,9 +371,13 @@ def _detail(cls: type[S3PipesError], link: BaseException) -> str:
     return text or f"{type(link).__name__}: {link}"
 
 
-def _is_ambiguous(cls: type[S3PipesError], link: BaseException) -> bool:
-    """A bare 403/404 (HEAD replies carry no body) could mean several things."""
-    return cls in (AccessDenied, ObjectNotFound) and _error_code(link) in {"403", "404", None}
+def _is_ambiguous(found: tuple[type[S3PipesError], BaseException] | None) -> bool:
+    """Worth a probe: nothing matched, or only a bare status (HEAD replies carry no body)."""
+    if found is None:
+        return True
+    cls, link = found
+    code = _error_code(link)
+    return cls in (AccessDenied, ObjectNotFound) and (code is None or code.isdigit())
 
 
 def translate(
@@ -394,10 +410,11 @@ def translate(
     if isinstance(exc, S3PipesError):
         return exc
     found = classify(exc)
-    if found is not None and probe is not None and _is_ambiguous(*found):
+    if probe is not None and _is_ambiguous(found):
         probed = probe()
         refined = classify(probed) if probed is not None else None
-        if refined is not None and _error_code(refined[1]) not in {"403", "404", None}:
+        code = _error_code(refined[1]) if refined is not None else None
+        if refined is not None and code is not None and not code.isdigit():
             found = refined
     if found is None:
         return StoreRequestError(url, endpoint, redact(f"{type(exc).__name__}: {exc}"))

@@ -28,6 +28,8 @@ when asked for (``env_file=`` or :func:`load_env`); importing s3pipes reads neit
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import socket
 import threading
@@ -51,6 +53,17 @@ DEFAULT_READ_TIMEOUT = 60.0
 
 _SECRET_OPTIONS = ("secret", "token", "password", "aws_secret_access_key", "aws_session_token")
 _S3_PROTOCOLS = ("s3", "s3a")
+_AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+_WRITE_MODES, _READ_MODES = ("wb",), ("rb",)
+_log = logging.getLogger(__name__)
 
 
 def load_env(path: str | os.PathLike[str] = ".env", *, override: bool = False) -> bool:
@@ -86,6 +99,14 @@ def _endpoint_from(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[
         if value:
             return str(value), source
     return None, ""
+
+
+def _without_userinfo(endpoint: str) -> str:
+    """``http://user:pass@host:9000`` -> ``http://host:9000``: endpoints are shown, credentials not."""
+    parts = urlsplit(endpoint)
+    if "@" not in parts.netloc:
+        return endpoint
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _check_endpoint(endpoint: str, source: str) -> None:
@@ -164,10 +185,10 @@ class Store:
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError(f"timeouts must be positive, got {connect_timeout=} and {read_timeout=}")
         self._explicit = dict(storage_options or {})
-        self._env = dict(_env or {})
         self._timeouts = (float(connect_timeout), float(read_timeout))
-        # Validate (and resolve) S3 settings now, so a malformed endpoint fails at construction.
-        self._s3 = _s3_options(self._explicit, self._env, self._timeouts)
+        # Resolve (and validate) S3 settings now: a malformed endpoint fails at construction,
+        # and nothing of the environment but these settings is kept (or pickled to workers).
+        self._s3 = _s3_options(self._explicit, _env or {}, self._timeouts)
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
         self._inherited: list[fsspec.AbstractFileSystem] = []
         self._pid = os.getpid()
@@ -202,8 +223,8 @@ class Store:
         if env_file is not None:
             from dotenv import dotenv_values
 
-            env.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
-        env.update(os.environ)
+            env.update({k: v for k, v in dotenv_values(env_file).items() if k in _AWS_VARIABLES and v is not None})
+        env.update({k: os.environ[k] for k in _AWS_VARIABLES if k in os.environ})
         return cls(storage_options, connect_timeout=connect_timeout, read_timeout=read_timeout, _env=env)
 
     # -- resolution -------------------------------------------------------------------------
@@ -231,7 +252,7 @@ class Store:
         """
         protocol = self._protocol(url)
         if protocol in _S3_PROTOCOLS:
-            return str(self._s3.get("endpoint_url") or "AWS S3")
+            return _without_userinfo(str(self._s3.get("endpoint_url") or "AWS S3"))
         return protocol
 
     @staticmethod
@@ -242,29 +263,42 @@ class Store:
     def filesystem(self, url: str) -> fsspec.AbstractFileSystem:
         """The filesystem for ``url``'s protocol, built once in this process."""
         protocol = self._protocol(url)
+        if self._pid != os.getpid():
+            self._after_fork()
         with self._lock:
-            if self._pid != os.getpid():  # forked: never reuse the parent's clients...
-                # ...and never let them be collected here either: their finalizers would
-                # close connections whose sockets the parent still uses (measured: the
-                # parent's next request then hung for read_timeout).
-                self._inherited.extend(self._filesystems.values())
-                self._filesystems, self._pid = {}, os.getpid()
             fs = self._filesystems.get(protocol)
-            if fs is None:
-                try:
-                    cls = fsspec.get_filesystem_class(protocol)
-                except (ImportError, ValueError) as exc:
-                    raise errors.InvalidURL(f"{url}: cannot open protocol {protocol!r}: {exc}") from None
-                options = self.resolved_options(url)
-                if protocol == "file":
-                    options.setdefault("auto_mkdir", True)
-                # skip_instance_cache: fsspec's class-level instance cache would hand
-                # the same (possibly forked) client to every Store in the process.
-                fs = cls(skip_instance_cache=True, **options)
-                if protocol in _S3_PROTOCOLS and options.get("endpoint_url"):
-                    self._check_reachable(url, str(options["endpoint_url"]))
-                self._filesystems[protocol] = fs
+        if fs is not None:
             return fs
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            raise errors.InvalidURL(f"{url}: cannot open protocol {protocol!r}: {exc}") from None
+        options = self.resolved_options(url)
+        if protocol == "file":
+            options.setdefault("auto_mkdir", True)
+        if protocol in _S3_PROTOCOLS and options.get("endpoint_url"):
+            self._check_reachable(url, str(options["endpoint_url"]))  # not under the lock: it waits
+        # skip_instance_cache: fsspec's class-level instance cache would hand
+        # the same (possibly forked) client to every Store in the process.
+        fs = cls(skip_instance_cache=True, **options)
+        if protocol in _S3_PROTOCOLS:
+            # One retry layer: botocore's (3 attempts, back-off). s3fs's 5 tries around it
+            # multiplied them: a stalled endpoint took 21 connections to report.
+            fs.retries = 1
+        with self._lock:
+            return self._filesystems.setdefault(protocol, fs)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh lock and clients; the parent's are kept but never used.
+
+        The inherited lock may have been held by a parent thread at fork time (it would
+        never be released here), and collecting the inherited clients would run finalizers
+        that close connections whose sockets the parent still uses (measured: the parent's
+        next request then hung for read_timeout).
+        """
+        self._lock = threading.Lock()
+        self._inherited.extend(self._filesystems.values())
+        self._filesystems, self._pid = {}, os.getpid()
 
     def _check_reachable(self, url: str, endpoint: str) -> None:
         """Fail in at most ``connect_timeout`` when nothing listens at a custom endpoint.
@@ -301,12 +335,21 @@ class Store:
     # -- the error boundary -----------------------------------------------------------------
 
     def redact(self, text: str) -> str:
-        """``text`` with every configured secret replaced by ``***``."""
-        for name in _SECRET_OPTIONS:
-            for options in (self._s3, self._explicit):
-                value = options.get(name)
-                if isinstance(value, str) and len(value) >= 4:
-                    text = text.replace(value, "***")
+        """``text`` with every configured secret replaced by ``***``.
+
+        Secrets: ``secret``/``token``/``password`` options (also inside ``client_kwargs``)
+        and credentials written into the endpoint URL. Values shorter than 4 characters
+        are not replaced (they would mangle ordinary words); do not use such secrets.
+        """
+        secrets: list[str] = []
+        for options in (self._s3, self._explicit, self._s3.get("client_kwargs", {})):
+            secrets += [str(options[name]) for name in _SECRET_OPTIONS if options.get(name)]
+        userinfo = urlsplit(str(self._s3.get("endpoint_url") or "")).password
+        if userinfo:
+            secrets.append(userinfo)
+        for secret in sorted(set(secrets), key=len, reverse=True):
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
         return text
 
     @contextlib.contextmanager
@@ -342,21 +385,29 @@ class Store:
     # -- I/O, all inside the boundary -------------------------------------------------------
 
     def open(self, url: str, mode: str = "rb", **kwargs: Any) -> IO[bytes]:
-        """Open ``url``; errors raised by reads, writes and ``close`` are translated.
+        """Open ``url`` for reading (``"rb"``) or for replacing it whole (``"wb"``).
 
-        A file opened for writing becomes visible only when closed without error:
-        s3fs aborts a failed multipart upload, and nothing already in the store is
-        touched before that.
+        Errors raised by reads, writes and ``close`` are translated. A write becomes
+        visible only when the file is closed without error (fsspec's commit/discard);
+        inside a ``with`` block that raises, it is discarded and an existing object of
+        that name is left as it was. Other modes (append, exclusive, update) are refused:
+        object stores replace objects whole.
         """
+        if mode not in _READ_MODES + _WRITE_MODES:
+            raise ValueError(f"{mode=} is not supported for {url}: use 'rb' to read or 'wb' to replace the object")
         fs, path = self.resolve(url)
-        writing = any(flag in mode for flag in "wxa+")
-        if writing:
-            # Publish on commit, not on open or on a failed close (fsspec transactions' protocol).
-            kwargs.setdefault("autocommit", False)
-        with self.errors(url):
-            handle = fs.open(path, mode, **kwargs)
+        writing = mode in _WRITE_MODES
+        if self._protocol(url) == "memory":
+            # memory:// publishes a file when it is opened and hands every reader the same
+            # file object (one shared position); give it a real store's semantics instead.
+            handle: Any = _MemoryUpload(fs, path) if writing else io.BytesIO(self.read_bytes(url))
+        else:
+            if writing:
+                kwargs.setdefault("autocommit", False)  # publish on commit, not on open or failed close
+            with self.errors(url):
+                handle = fs.open(path, mode, **kwargs)
         # StoreFile implements the parts of IO[bytes] that readers and writers use.
-        return cast(IO[bytes], StoreFile(handle, self, url, commit=writing and not kwargs["autocommit"]))
+        return cast(IO[bytes], StoreFile(handle, self, url, commit=writing))
 
     def read_bytes(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes (``[start, end)`` when given)."""
@@ -427,7 +478,7 @@ class Store:
         parts = []
         endpoint = self._s3.get("endpoint_url")
         if endpoint:
-            parts.append(f"endpoint={endpoint}")
+            parts.append(f"endpoint={_without_userinfo(str(endpoint))}")
         key = self._s3.get("key")
         if key:
             parts.append(f"key={str(key)[:4]}***")
@@ -443,8 +494,9 @@ class StoreFile:
     when the ``with`` block raises.
     """
 
-    def __init__(self, handle: IO[bytes], store: Store, url: str, *, commit: bool) -> None:
-        self._handle, self._store, self.url = handle, store, url
+    def __init__(self, handle: Any, store: Store, url: str, *, commit: bool) -> None:
+        self._handle: IO[bytes] = handle
+        self._store, self.url = store, url
         self._commit = commit
         self._done = False
 
@@ -454,7 +506,7 @@ class StoreFile:
 
     def readinto(self, buffer: Any) -> int:
         with self._store.errors(self.url):
-            return self._handle.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+            return int(cast(Any, self._handle).readinto(buffer))
 
     def write(self, data: bytes) -> int:
         with self._store.errors(self.url):
@@ -480,33 +532,58 @@ class StoreFile:
             try:
                 self._handle.close()
                 if self._commit:
-                    self._handle.commit()  # type: ignore[attr-defined]
+                    cast(Any, self._handle).commit()
             except BaseException:
                 self._abandon()
                 raise
 
-    def _abandon(self) -> None:
-        """Abort any upload and mark the handle closed, so collecting it does not retry the upload."""
-        with contextlib.suppress(Exception):
-            if self._commit:
-                self._handle.discard()  # type: ignore[attr-defined]
-        with contextlib.suppress(AttributeError):
-            self._handle.closed = True  # type: ignore[misc]
-
     def discard(self) -> None:
-        """Abandon a write: nothing becomes visible in the store. Idempotent."""
-        if self._done:
-            return
-        self._done = True
-        if not self._commit:
-            with self._store.errors(self.url):
-                self._handle.close()
-            return
-        try:
-            with self._store.errors(self.url):
-                self._handle.discard()  # type: ignore[attr-defined]
-        finally:
+        """Abandon a write: nothing becomes visible in the store. Idempotent, never raises."""
+        if not self._done:
+            self._done = True
             self._abandon()
+
+    def _abandon(self) -> None:
+        """Best effort: abort the upload, release the handle, stop it retrying when collected.
+
+        Errors here are logged, not raised: this runs while another exception (the one
+        that made the write fail) is on its way to the caller, and must not replace it.
+        """
+        try:
+            if self._commit:
+                cast(Any, self._handle).discard()
+            else:
+                self._handle.close()
+        except Exception as exc:
+            _log.warning("could not abort the write of %s: %s", self.url, self._store.redact(repr(exc)))
+        inner = getattr(self._handle, "f", None)  # fsspec's LocalFileOpener.discard leaks its temp file's fd
+        with contextlib.suppress(Exception):
+            if inner is not None:
+                inner.close()
+        with contextlib.suppress(AttributeError):
+            cast(Any, self._handle).closed = True
+
+    def readline(self, size: int = -1) -> bytes:
+        with self._store.errors(self.url):
+            return bytes(self._handle.readline(size))
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        with self._store.errors(self.url):
+            return list(self._handle.readlines(hint))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    @property
+    def mode(self) -> str:
+        return "wb" if self._commit else "rb"
+
+    def isatty(self) -> bool:
+        return False
 
     @property
     def closed(self) -> bool:
@@ -534,3 +611,22 @@ class StoreFile:
 
     def __repr__(self) -> str:
         return f"<s3pipes file {self.url}>"
+
+
+class _MemoryUpload(io.BytesIO):
+    """A write to memory:// that, like a real store's, is published only by ``commit``."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        super().__init__()
+        self._fs, self._path, self._value = fs, path, b""
+
+    def close(self) -> None:
+        if not self.closed:
+            self._value = self.getvalue()
+        super().close()
+
+    def commit(self) -> None:
+        self._fs.pipe_file(self._path, self._value)
+
+    def discard(self) -> None:
+        self._value = b""

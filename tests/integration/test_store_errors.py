@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -82,10 +83,12 @@ def test_unknown_access_key(s3_server: LocalS3Server, s3_store: Store, s3_root: 
     expect(s3pipes.UnknownAccessKey, PermissionError, operations(stranger, url)[op], url, "AWS_ACCESS_KEY_ID")
 
 
-def test_missing_credentials(s3_server: LocalS3Server, s3_root: str) -> None:
+@pytest.mark.parametrize("op", ["list", "read", "open", "write"])
+def test_missing_credentials(s3_server: LocalS3Server, s3_root: str, op: str) -> None:
     url = f"{s3_root}/object.bin"
-    anonymous_env = Store({"endpoint_url": s3_server.endpoint_url})
-    expect(s3pipes.CredentialsMissing, PermissionError, lambda: anonymous_env.list(url), url, "AWS_ACCESS_KEY_ID")
+    anonymous = Store({"endpoint_url": s3_server.endpoint_url})
+    calls = {**operations(anonymous, url), "write": lambda: anonymous.write_bytes(url, b"x")}
+    expect(s3pipes.CredentialsMissing, PermissionError, calls[op], url, "AWS_ACCESS_KEY_ID")
 
 
 def test_read_only_identity_cannot_write(s3_server: LocalS3Server, s3_store: Store, s3_root: str) -> None:
@@ -131,9 +134,11 @@ def test_environment_configuration_reaches_the_server(
     assert store.list(s3_root) == [f"{s3_root}/from-env.txt"]
 
 
-def test_secret_never_printed(s3_server: LocalS3Server, s3_root: str, tmp_path: object) -> None:
-    """Exceptions, reprs and CLI output of failing and succeeding calls never contain the secret."""
+def test_secret_never_printed(s3_server: LocalS3Server, s3_root: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Exceptions, reprs, DEBUG logs and CLI output of failing and succeeding calls never contain the secret."""
+    caplog.set_level(logging.DEBUG)
     secret = s3_server.secret
+    Store(s3_server.storage_options).write_bytes(f"{s3_root}/ok.bin", b"logged")
     seen: list[str] = [repr(Store(s3_server.storage_options)), repr(s3_server), str(Store(s3_server.storage_options))]
     wrong_key = Store({**s3_server.storage_options, "key": "AKIDONTKNOWYOU"})
     for call in (lambda: wrong_key.list(s3_root), lambda: wrong_key.read_bytes(f"{s3_root}/x")):
@@ -149,5 +154,7 @@ def test_secret_never_printed(s3_server: LocalS3Server, s3_root: str, tmp_path: 
         seen += [result.stdout, result.stderr]
     missing_bucket_output = seen[-3]
     assert "no-such-bucket-cli" in missing_bucket_output and "bucket does not exist" in missing_bucket_output
+    seen.append(caplog.text)
+    assert len(caplog.text) > 1000, "DEBUG logging was captured"
     for text in seen:
         assert secret not in text

@@ -28,17 +28,21 @@ def test_empty_prefix_in_existing_bucket_lists_nothing(s3_store: Store, s3_root:
     assert s3_store.list(f"{s3_root}/nothing-here/") == []
 
 
-def test_large_write_is_published_only_on_clean_close(s3_store: Store, s3_root: str) -> None:
+def test_large_write_is_published_only_on_clean_close(s3_server: object, s3_store: Store, s3_root: str) -> None:
     url = f"{s3_root}/big.bin"
-    payload = bytes(range(256)) * (24 * 1024 * 4)  # 24 MiB: several multipart parts
-    with s3_store.open(url, "wb") as f:
+    part = 5 << 20  # S3's smallest part: several parts per object
+    payload = bytes(range(256)) * (24 * 1024 * 4)  # 24 MiB
+    with s3_store.open(url, "wb", block_size=part) as f:
         f.write(payload)
     assert s3_store.info(url)["size"] == len(payload)
-    with pytest.raises(RuntimeError, match="interrupted"), s3_store.open(url, "wb") as f:
-        f.write(b"x" * (12 << 20))
+    with pytest.raises(RuntimeError, match="interrupted"), s3_store.open(url, "wb", block_size=part) as f:
+        f.write(b"x" * (12 << 20))  # two parts uploaded before the failure
         raise RuntimeError("interrupted")
     assert s3_store.read_bytes(url, 0, 1024) == payload[:1024], "the earlier object is untouched"
     assert s3_store.info(url)["size"] == len(payload)
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    uploads = s3_server.client().list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])  # type: ignore[attr-defined]
+    assert uploads == [], "the failed upload was aborted, not left behind"
 
 
 def _list_in_child(store: Store, prefix: str, queue: multiprocessing.Queue[object]) -> None:

@@ -10,6 +10,7 @@ import socket
 import pytest
 from botocore.exceptions import (
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
@@ -89,6 +90,7 @@ def client_error(code: str, status: int, message: str = "msg") -> ClientError:
         (EndpointConnectionError(endpoint_url="http://x"), errors.EndpointUnreachable, ConnectionError),
         (ConnectTimeoutError(endpoint_url="http://x"), errors.EndpointUnreachable, ConnectionError),
         (ReadTimeoutError(endpoint_url="http://x"), errors.StoreTimeout, ConnectionError),
+        (ConnectionClosedError(endpoint_url="http://x"), errors.ConnectionDropped, ConnectionError),
         (FileNotFoundError("b/k"), errors.ObjectNotFound, FileNotFoundError),
     ],
 )
@@ -158,3 +160,10 @@ def test_messages_give_a_fix() -> None:
 def test_public_surface_exports_the_tree() -> None:
     for cls in all_errors():
         assert getattr(s3pipes, cls.__name__) is cls
+
+
+def test_bare_status_without_a_match_is_probed() -> None:
+    head_400 = OSError("Bad Request")
+    head_400.__cause__ = client_error("400", 400, "Bad Request")
+    err = errors.translate(head_400, url="s3://b/k", endpoint="e", probe=lambda: client_error("ExpiredToken", 400))
+    assert type(err) is errors.ExpiredCredentials

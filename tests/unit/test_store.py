@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import pickle
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 import s3pipes
 from s3pipes import MalformedEndpoint, ObjectNotFound, Store
+from s3pipes.store import StoreFile
 
 ENDPOINT = "http://127.0.0.1:9"
 
@@ -109,7 +111,20 @@ def test_load_env_sets_variables_from_file(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # load_env wrote os.environ; undo it for other tests
 
 
-def test_repr_and_pickle_never_show_the_secret() -> None:
+def test_pickled_store_carries_no_unrelated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_unrelated_secret_value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
+    assert b"ghp_unrelated_secret_value" not in pickle.dumps(Store.from_env())
+
+
+def test_endpoint_credentials_are_never_shown() -> None:
+    store = Store({"endpoint_url": "http://user:p4ssw0rd-in-url@127.0.0.1:9000", "key": "k", "secret": "s3cret-value"})
+    assert "p4ssw0rd-in-url" not in repr(store)
+    assert store.endpoint("s3://b/k") == "http://127.0.0.1:9000"
+    assert store.redact("x p4ssw0rd-in-url s3cret-value y") == "x *** *** y"
+
+
+def test_repr_never_shows_the_secret() -> None:
     store = Store({"endpoint_url": ENDPOINT, "key": "AKIAEXAMPLEKEY", "secret": "very-secret-value"})
     assert "very-secret-value" not in repr(store)
     assert "AKIAEXAMPLEKEY" not in repr(store), "the key id is shortened too"
@@ -175,3 +190,50 @@ def test_forked_process_builds_its_own_filesystem(mem_root: str) -> None:
     child.start()
     child.join(30)
     assert queue.get(timeout=5) is True
+
+
+@pytest.mark.parametrize("mode", ["ab", "xb", "r+b", "w", "r"])
+def test_only_whole_object_modes_are_accepted(mem_root: str, mode: str) -> None:
+    with pytest.raises(ValueError, match="'rb' to read or 'wb' to replace"):
+        Store().open(f"{mem_root}/x", mode)
+
+
+def test_memory_writes_publish_on_close_and_readers_are_independent(mem_root: str) -> None:
+    store = Store()
+    url = f"{mem_root}/obj"
+    store.write_bytes(url, b"old")
+    with pytest.raises(RuntimeError), store.open(url, "wb") as f:
+        f.write(b"partial")
+        raise RuntimeError("fail")
+    assert store.read_bytes(url) == b"old"
+    store.write_bytes(url, b"0123456789")
+    with store.open(url) as a, store.open(url) as b:
+        assert (a.read(4), b.read(4)) == (b"0123", b"0123")
+
+
+def test_store_file_supports_line_reading_and_pickle(tmp_path: Path) -> None:
+    store = Store()
+    url = f"file://{tmp_path}/lines.pkl"
+    with store.open(url, "wb") as f:
+        pickle.dump({"a": 1}, f)
+    with store.open(url) as f:
+        assert pickle.load(f) == {"a": 1}
+        assert f.name == url
+    store.write_bytes(url, b"one\ntwo\n")
+    with store.open(url) as f:
+        assert list(f) == [b"one\n", b"two\n"]
+
+
+def test_a_failing_cleanup_never_hides_the_callers_error(caplog: pytest.LogCaptureFixture) -> None:
+    class UploadThatCannotAbort(io.BytesIO):
+        def commit(self) -> None:
+            raise AssertionError("a failed write must not be committed")
+
+        def discard(self) -> None:
+            raise ConnectionError("the store went away mid-upload")
+
+    upload = StoreFile(UploadThatCannotAbort(), Store(), "memory://b/out.bin", commit=True)
+    with pytest.raises(KeyError, match="the real cause"), upload as f:
+        f.write(b"data")
+        raise KeyError("the real cause")
+    assert "could not abort the write of memory://b/out.bin" in caplog.text
