@@ -27,18 +27,25 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from s3pipes.errors import ServerError
+from s3pipes.errors import ServerError, translate
 
 __all__ = ["LocalS3Server", "ServerError", "find_weed"]
 
 _STOP_GRACE = 1.0  # seconds between SIGTERM and SIGKILL: weed ignores SIGTERM for a long time
+_START_ATTEMPTS = 3
+
+
+class _ExitedEarly(ServerError):
+    """weed exited during start-up (typically: a port was taken after we chose it)."""
 
 
 def find_weed() -> str:
@@ -65,10 +72,25 @@ def _free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _death_signal_setter() -> Callable[[], None] | None:
+    """A pre-exec hook making the child die with this process, where that is sound.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked exits, so it is only
+    requested from the main thread (whose end is the process's end); servers started
+    from other threads rely on ``stop()``. libc is loaded here, before the fork.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
     PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def set_death_signal() -> None:  # runs in the child between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return set_death_signal
 
 
 class LocalS3Server:
@@ -123,18 +145,25 @@ class LocalS3Server:
         if self._process is not None:
             return self
         weed = self._weed or find_weed()
-        self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="s3pipes-weed-"))
-        (self._dir / "data").mkdir(parents=True, exist_ok=True)
-        config = self._dir / "s3-identities.json"
-        config.write_text(json.dumps(self._identities()))
-        config.chmod(0o600)
-        try:
-            self._launch(weed, config)
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="s3pipes-weed-"))
+            try:
+                (self._dir / "data").mkdir(parents=True, exist_ok=True)
+                config = self._dir / "s3-identities.json"
+                config.touch(0o600)
+                config.write_text(json.dumps(self._identities()))
+                self._launch(weed, config)
+                self._wait_ready()
+                return self
+            except _ExitedEarly:
+                # A port we picked was taken between choosing it and weed binding it: retry.
+                self.stop()
+                if attempt == _START_ATTEMPTS:
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _identities(self) -> dict[str, Any]:
         def identity(name: str, key: str, secret: str, actions: list[str]) -> dict[str, Any]:
@@ -167,7 +196,7 @@ class LocalS3Server:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_death_signal_setter(),
         )
 
     def _wait_ready(self) -> None:
@@ -175,7 +204,7 @@ class LocalS3Server:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise ServerError(f"weed exited with code {self._process.returncode} at start-up:\n{self._log_tail()}")
+                raise _ExitedEarly(f"weed exited with code {self._process.returncode} at start-up:\n{self._log_tail()}")
             if self._answers():
                 return
             time.sleep(0.1)
@@ -272,11 +301,15 @@ class LocalS3Server:
 
     def create_bucket(self, name: str, *, versioned: bool = False) -> str:
         """Create bucket ``name`` (versioning on if asked); returns ``"s3://name"``."""
+        url = f"s3://{name}"
         client = self.client()
-        client.create_bucket(Bucket=name)
-        if versioned:
-            client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-        return f"s3://{name}"
+        try:
+            client.create_bucket(Bucket=name)
+            if versioned:
+                client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        except Exception as exc:
+            raise translate(exc, url=url, endpoint=self.endpoint_url) from exc
+        return url
 
     def __repr__(self) -> str:
         state = f"running at {self.endpoint_url}, pid {self.pid}" if self._process else "stopped"

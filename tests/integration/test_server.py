@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +74,7 @@ ORPHAN_SCRIPT = textwrap.dedent(
     import os, signal, sys
     from s3pipes.server import LocalS3Server
     server = LocalS3Server().start()
-    print(server.pid, flush=True)
+    print(server.pid, server.log_path.parent, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # no __exit__, no atexit: the owner just dies
     """
 )
@@ -82,9 +83,12 @@ ORPHAN_SCRIPT = textwrap.dedent(
 def test_weed_dies_with_a_killed_owner(track_pid: Callable[[int], None]) -> None:
     result = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    pid = int(result.stdout.split()[0])
+    pid, data_dir = int(result.stdout.split()[0]), Path(result.stdout.split()[1])
     track_pid(pid)
-    assert gone(pid), f"weed {pid} outlived the process that started it"
+    try:
+        assert gone(pid), f"weed {pid} outlived the process that started it"
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)  # its owner died before it could
 
 
 def test_serve_prints_exports_and_stops_on_ctrl_c(tmp_path: Path, track_pid: Callable[[int], None]) -> None:
@@ -121,3 +125,8 @@ def _parent(pid: int) -> int:
             return int(stat.read().split(") ")[1].split()[1])
     except (FileNotFoundError, ProcessLookupError):
         return -1
+
+
+def test_create_bucket_errors_are_translated(s3_server: LocalS3Server) -> None:
+    with pytest.raises(s3pipes.InvalidURL, match="s3://ab"):
+        s3_server.create_bucket("ab")  # too short for S3
