@@ -22,6 +22,7 @@ from dataclasses import dataclass
 __all__ = ["BLOCK", "Member", "TarFormatError", "TarReader"]
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 _CHECKSUM_FIELD = slice(148, 156)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
@@ -52,16 +53,16 @@ def _padded(size: int) -> int:
 def _number(field: bytes, offset: int) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
+    text = field.split(b"\0", 1)[0]
     try:
-        return int(text, 8) if text else 0
+        return int(text, 8) if text.strip() else 0
     except ValueError:
         raise TarFormatError(f"invalid number {text!r} in tar header", offset) from None
 
 
 def _checksum_ok(header: bytes, stored: int) -> bool:
     """The checksum counts the checksum field as spaces; old writers summed signed bytes."""
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    unsigned = sum(header) - sum(header[_CHECKSUM_FIELD]) + 8 * 32
     if stored == unsigned:
         return True
     high = sum(1 for byte in header if byte >= 128) - sum(1 for byte in header[148:156] if byte >= 128)
@@ -128,6 +129,17 @@ class TarReader:
         self._position = end
         return data
 
+    def _skip(self, size: int) -> None:
+        """Move past ``size`` bytes without copying them (fewer where the stream ends)."""
+        self._position += size
+        while self._position > len(self._buffer):
+            self._base += len(self._buffer)
+            self._position -= len(self._buffer)
+            self._buffer = self._read(self._chunk)
+            if not self._buffer:
+                self._position = 0
+                return
+
     def next(self) -> Member | None:
         """The next regular file, or None at the end of the archive."""
         first = self.offset
@@ -136,7 +148,7 @@ class TarReader:
         while True:
             header_at = self._base + self._position
             header = self._take(BLOCK)
-            if not header or header == bytes(BLOCK):
+            if not header or header == _ZERO_BLOCK:
                 if header_at != first or name is not None:
                     raise TarFormatError("archive ends inside a member's headers", header_at)
                 return None  # end-of-archive marker, or a stream that ends between members
@@ -147,10 +159,10 @@ class TarReader:
             kind = header[156:157]
             size = size_override if size_override is not None and kind not in (_PAX, _GNU_LONGNAME) else None
             size = _number(header[124:136], header_at) if size is None else size
-            payload = self._take(_padded(size))
-            if len(payload) < size:
-                raise TarFormatError(f"member data truncated ({len(payload)} of {size} bytes)", header_at)
-            data = payload[:size]
+            data = self._take(size)
+            if len(data) < size:
+                raise TarFormatError(f"member data truncated ({len(data)} of {size} bytes)", header_at)
+            self._skip(-size % BLOCK)  # the padding to the block boundary
             if kind == _PAX:
                 records = _pax_records(data, header_at)
                 name = records.get("path", name)
