@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import s3pipes
 from benchmarks._data import Dataset
@@ -25,7 +26,9 @@ from s3pipes.server import LocalS3Server
 __all__ = [
     "CEILING",
     "S3PIPES_DECODE",
+    "S3PIPES_DECODE_THREADS",
     "S3PIPES_RAW",
+    "S3PIPES_RAW_LOADER",
     "S3TORCH_RAW",
     "WEBDATASET_DECODE",
     "WEBDATASET_RAW",
@@ -148,11 +151,15 @@ def _ceiling(threads: int) -> Setup:
 # -- 2, 3. s3pipes ----------------------------------------------------------------------------
 
 
-def _s3pipes(decode: bool) -> Setup:
+def _s3pipes(decode: bool, *, threads: int = 0, loader_workers: int = 0) -> Setup:
+    """s3pipes in this process (decoding on ``threads`` threads), or through a DataLoader's workers."""
+
     def setup(stack: contextlib.ExitStack, server: LocalS3Server, dataset: Dataset) -> Run:
         store = s3pipes.Store(server.storage_options)
         pipe = s3pipes.webdataset(dataset.prefix, store=store)
-        samples = pipe.decode("pil") if decode else pipe
+        samples: Iterable[Any] = pipe.decode("pil", workers=threads) if decode else pipe
+        if loader_workers:
+            samples = DataLoader(samples, batch_size=None, num_workers=loader_workers, multiprocessing_context="fork")
         return lambda: tally(samples)
 
     return setup
@@ -238,6 +245,8 @@ def _s3torchconnector(stack: contextlib.ExitStack, server: LocalS3Server, datase
 CEILING = "boto3 parallel GET (ceiling)"
 S3PIPES_RAW = "s3pipes raw"
 S3PIPES_DECODE = 's3pipes decode("pil")'
+S3PIPES_DECODE_THREADS = 's3pipes decode("pil", workers=2)'
+S3PIPES_RAW_LOADER = "s3pipes raw, DataLoader 2 workers"
 WEBDATASET_RAW = "webdataset + s3fs raw"
 WEBDATASET_DECODE = 'webdataset + s3fs decode("pil")'
 S3TORCH_RAW = "s3torchconnector + tarfile raw"
@@ -249,6 +258,8 @@ def readers(threads: int) -> list[Reader]:
         Reader(CEILING, _ceiling(threads)),
         Reader(S3PIPES_RAW, _s3pipes(decode=False)),
         Reader(S3PIPES_DECODE, _s3pipes(decode=True), decodes=True),
+        Reader(S3PIPES_DECODE_THREADS, _s3pipes(decode=True, threads=2), decodes=True),
+        Reader(S3PIPES_RAW_LOADER, _s3pipes(decode=False, loader_workers=2)),
         Reader(WEBDATASET_RAW, _webdataset(decode=False)),
         Reader(WEBDATASET_DECODE, _webdataset(decode=True), decodes=True),
         Reader(S3TORCH_RAW, _s3torchconnector, optional=True),

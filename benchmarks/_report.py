@@ -13,7 +13,9 @@ from benchmarks._data import Dataset
 from benchmarks._readers import (
     CEILING,
     S3PIPES_DECODE,
+    S3PIPES_DECODE_THREADS,
     S3PIPES_RAW,
+    S3PIPES_RAW_LOADER,
     S3TORCH_RAW,
     WEBDATASET_DECODE,
     Tally,
@@ -41,8 +43,16 @@ class Ratio:
 
 RATIOS = (
     Ratio("s3pipes raw MB/s / boto3 ceiling MB/s", S3PIPES_RAW, CEILING, "mb_per_s", 0.6),
+    Ratio("s3pipes raw, 2 DataLoader workers / boto3 ceiling MB/s", S3PIPES_RAW_LOADER, CEILING, "mb_per_s", 0.6),
     Ratio("s3pipes raw / s3torchconnector samples/s", S3PIPES_RAW, S3TORCH_RAW, "samples_per_s", 1.5),
     Ratio('s3pipes decode / webdataset decode("pil") samples/s', S3PIPES_DECODE, WEBDATASET_DECODE, "samples_per_s", 2),
+    Ratio(
+        's3pipes decode on 2 threads / webdataset decode("pil") samples/s',
+        S3PIPES_DECODE_THREADS,
+        WEBDATASET_DECODE,
+        "samples_per_s",
+        2,
+    ),
 )
 
 
