@@ -164,6 +164,10 @@ class TarReader:
                 raise TarFormatError(f"member data truncated ({len(data)} of {size} bytes)", header_at)
             self._skip(-size % BLOCK)  # the padding to the block boundary
             if kind == _PAX:
+                # webdataset's TarWriter writes one before every member, holding only mtime:
+                # skip the record parsing unless a record we use can be there.
+                if b"path=" not in data and b"size=" not in data:
+                    continue
                 records = _pax_records(data, header_at)
                 name = records.get("path", name)
                 if "size" in records:
