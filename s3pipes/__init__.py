@@ -33,6 +33,8 @@ from s3pipes.errors import (
     UnknownAccessKey,
     WrongRegion,
 )
+from s3pipes.index import StaleIndex
+from s3pipes.mapstyle import MapDataset, ObjectReader
 from s3pipes.pipe import Pipe, from_urls, list_prefix, webdataset
 from s3pipes.store import Store, load_env
 
@@ -56,12 +58,15 @@ __all__ = [
     "ExpiredCredentials",
     "InvalidURL",
     "MalformedEndpoint",
+    "MapDataset",
     "NotFound",
     "ObjectNotFound",
+    "ObjectReader",
     "Pipe",
     "S3PipesError",
     "ServerError",
     "SignatureMismatch",
+    "StaleIndex",
     "Store",
     "StoreError",
     "StoreRequestError",

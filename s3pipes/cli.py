@@ -31,6 +31,19 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from s3pipes.index import build_shard_index, write_manifest
+
+    store = _store(args)
+    if args.shards:
+        index = build_shard_index(store, args.url, suffix=args.suffix or ".tar")
+        print(f"indexed {len(index.samples)} samples in {len(index.shards)} shards under {args.url}")
+    else:
+        url = write_manifest(store, args.url, suffix=args.suffix)
+        print(f"wrote {url}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from s3pipes.server import LocalS3Server
 
@@ -67,6 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("url")
     ls.add_argument("--suffix", default="", help="only names ending in this")
     ls.set_defaults(run=_cmd_ls)
+
+    index = commands.add_parser(
+        "index",
+        help="write a manifest (objects) or a sample index (tar shards) under a prefix",
+        description=(
+            "Write manifest.s3pipes.json (every object's key, size, ETag) or, with --shards, "
+            "index.s3pipes.json (every sample's byte range in every shard), so that a MapDataset "
+            "opens with one GET instead of a listing or a scan."
+        ),
+        epilog="examples:\n  s3pipes index s3://mnist/train/ --suffix .png\n  s3pipes index s3://bucket/shards/ --shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index.add_argument("url")
+    index.add_argument("--suffix", default="", help="only objects ending in this (shards: default .tar)")
+    index.add_argument("--shards", action="store_true", help="index the samples inside tar shards")
+    index.set_defaults(run=_cmd_index)
 
     serve = commands.add_parser(
         "serve",

@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import IO, Any, cast
 from urllib.parse import urlsplit
@@ -414,6 +414,43 @@ class Store:
         fs, path = self.resolve(url)
         with self.errors(url):
             return bytes(fs.cat_file(path, start=start, end=end))
+
+    def read_ranges(
+        self,
+        urls: Sequence[str],
+        starts: Sequence[int | None] | None = None,
+        ends: Sequence[int | None] | None = None,
+        *,
+        concurrency: int = 32,
+    ) -> list[bytes]:
+        """The bytes of many objects (or ``[start, end)`` ranges of them), fetched concurrently.
+
+        At most ``concurrency`` requests are in flight; results come in the order asked.
+        All URLs must share one protocol.
+
+        Raises:
+            StoreError: for the first URL that failed, naming it.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-ranges/a", b"0123456789")
+            >>> store.read_ranges(["memory://doc-ranges/a"] * 2, [0, 5], [2, 8])
+            [b'01', b'567']
+        """
+        if not urls:
+            return []
+        fs, _ = self.resolve(urls[0])
+        paths = [self.resolve(url)[1] for url in urls]
+        starts_ = list(starts) if starts is not None else [None] * len(urls)
+        ends_ = list(ends) if ends is not None else [None] * len(urls)
+        options = {"batch_size": concurrency} if getattr(fs, "async_impl", False) else {}
+        with self.errors(urls[0]):
+            results = fs.cat_ranges(paths, starts_, ends_, on_error="return", **options)
+        for url, result in zip(urls, results, strict=True):
+            if isinstance(result, BaseException):
+                with self.errors(url):
+                    raise result
+        return [bytes(result) for result in results]
 
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` as the whole object at ``url``."""

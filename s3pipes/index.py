@@ -1,0 +1,179 @@
+"""Manifests and shard indexes: what a map-style dataset needs to open with one GET.
+
+Two JSON files, written next to the data by ``s3pipes index URL`` (or the functions here):
+
+- ``manifest.s3pipes.json`` under a prefix of objects: every object's key (relative
+  to the prefix), size and ETag. A snapshot: objects added after it are not seen and a
+  removed one fails when read (naming its URL); rebuild it after changing the prefix.
+- ``index.s3pipes.json`` under a prefix of tar shards: for every shard its size and
+  ETag, and for every sample its key and the byte range ``[start, end)`` of its members.
+  Each shard's size and ETag are compared with a listing when the index is opened: a
+  shard rewritten since is reported (:class:`StaleIndex`), never misread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from s3pipes.errors import DataError
+from s3pipes.stages._tarparse import TarReader
+from s3pipes.stages.group import split_key
+from s3pipes.stages.open import ObjectStream
+from s3pipes.store import Store
+
+__all__ = [
+    "INDEX_NAME",
+    "MANIFEST_NAME",
+    "ShardIndex",
+    "StaleIndex",
+    "build_shard_index",
+    "read_manifest",
+    "write_manifest",
+]
+
+MANIFEST_NAME = "manifest.s3pipes.json"
+INDEX_NAME = "index.s3pipes.json"
+_VERSION = 1
+
+
+class StaleIndex(DataError):
+    """A shard changed (size or ETag) after its index was written."""
+
+
+def _join(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name
+
+
+def _listing(store: Store, prefix: str, suffix: str) -> dict[str, dict[str, Any]]:
+    """``{url: info}`` for every object under ``prefix`` ending in ``suffix`` (one paginated listing)."""
+    fs, path = store.resolve(prefix)
+    with store.errors(prefix):
+        found = fs.find(path, detail=True)
+    root, base = path.rstrip("/"), prefix.rstrip("/")
+    return {
+        base + name[len(root) :]: info
+        for name, info in sorted(found.items())
+        if name.endswith(suffix) and not name.endswith(".s3pipes.json")
+    }
+
+
+def _etag(info: dict[str, Any]) -> str:
+    return str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("created") or "")
+
+
+def write_manifest(store: Store, prefix: str, *, suffix: str = "") -> str:
+    """List ``prefix`` once and write its manifest there; returns the manifest's URL."""
+    listing = _listing(store, prefix, suffix)
+    base = prefix.rstrip("/") + "/"
+    objects = [[url[len(base) :], int(info.get("size", 0)), _etag(info)] for url, info in listing.items()]
+    url = _join(prefix, MANIFEST_NAME)
+    body = {"version": _VERSION, "kind": "objects", "suffix": suffix, "created": time.time(), "objects": objects}
+    store.write_bytes(url, json.dumps(body).encode())
+    return url
+
+
+def read_manifest(store: Store, prefix: str) -> list[str] | None:
+    """Object URLs from the manifest under ``prefix`` (one GET), or None if there is none."""
+    url = _join(prefix, MANIFEST_NAME)
+    if not store.exists(url):
+        return None
+    body = json.loads(store.read_bytes(url))
+    if body.get("version") != _VERSION or body.get("kind") != "objects":
+        raise DataError(url, f"not an s3pipes object manifest (version {body.get('version')!r})")
+    return [_join(prefix, name) for name, _, _ in body["objects"]]
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Samples of a set of shards: ``samples[i] = (shard number, key, start, end)``."""
+
+    shards: tuple[str, ...]
+    samples: tuple[tuple[int, str, int, int], ...]
+
+    def to_json(self, prefix: str, listing: dict[str, dict[str, Any]]) -> bytes:
+        base = prefix.rstrip("/") + "/"
+        shards = [
+            {
+                "name": url[len(base) :],
+                "size": int(listing[url].get("size", 0)),
+                "etag": _etag(listing[url]),
+                "samples": [[key, start, end] for shard, key, start, end in self.samples if shard == number],
+            }
+            for number, url in enumerate(self.shards)
+        ]
+        return json.dumps({"version": _VERSION, "kind": "shards", "created": time.time(), "shards": shards}).encode()
+
+    @classmethod
+    def load(cls, store: Store, prefix: str, *, suffix: str = ".tar") -> ShardIndex | None:
+        """The index under ``prefix`` (one GET plus one listing), or None if there is none.
+
+        Raises:
+            StaleIndex: a shard's size or ETag differs from the index's (names the shard).
+        """
+        url = _join(prefix, INDEX_NAME)
+        if not store.exists(url):
+            return None
+        body = json.loads(store.read_bytes(url))
+        if body.get("version") != _VERSION or body.get("kind") != "shards":
+            raise DataError(url, f"not an s3pipes shard index (version {body.get('version')!r})")
+        listing = _listing(store, prefix, suffix)
+        shards, samples = [], []
+        for number, entry in enumerate(body["shards"]):
+            shard = _join(prefix, entry["name"])
+            now = listing.get(shard)
+            if now is None or int(now.get("size", -1)) != entry["size"] or _etag(now) != entry["etag"]:
+                change = "is gone" if now is None else "changed (size or ETag differs)"
+                raise StaleIndex(shard, f"shard {change} since {url} was written; rebuild it: s3pipes index {prefix}")
+            shards.append(shard)
+            samples += [(number, key, start, end) for key, start, end in entry["samples"]]
+        return cls(tuple(shards), tuple(samples))
+
+
+def _scan(store: Store, url: str, number: int) -> list[tuple[int, str, int, int]]:
+    """Every sample of one shard with the byte range of its members (reads the shard once)."""
+    samples: list[tuple[int, str, int, int]] = []
+    with ObjectStream(url, store) as stream:
+        reader = TarReader(stream.read)
+        try:
+            while (member := reader.next()) is not None:
+                parts = split_key(member.name)
+                if parts is None:
+                    continue
+                if samples and samples[-1][1] == parts[0]:
+                    samples[-1] = (number, parts[0], samples[-1][2], member.next_offset)
+                else:
+                    samples.append((number, parts[0], member.offset, member.next_offset))
+        except ValueError as exc:
+            raise DataError(url, f"cannot index shard: {exc}", offset=getattr(exc, "offset", None)) from exc
+    return samples
+
+
+def build_shard_index(
+    store: Store, prefix: str, *, suffix: str = ".tar", write: bool = True, threads: int = 4
+) -> ShardIndex:
+    """Read every shard under ``prefix`` once and index its samples; write the index there.
+
+    Args:
+        store: where the shards are.
+        prefix: the shards' prefix.
+        suffix: shard names end in this.
+        write: store the index as ``index.s3pipes.json`` under the prefix.
+        threads: shards read at once.
+    """
+    listing = _listing(store, prefix, suffix)
+    if not listing:
+        raise DataError(prefix, f"no shards ending in {suffix!r} to index")
+    shards = tuple(listing)
+    with ThreadPoolExecutor(threads, thread_name_prefix="s3pipes-index") as pool:
+        per_shard: Sequence[list[tuple[int, str, int, int]]] = list(
+            pool.map(lambda item: _scan(store, item[1], item[0]), enumerate(shards))
+        )
+    index = ShardIndex(shards, tuple(sample for samples in per_shard for sample in samples))
+    if write:
+        store.write_bytes(_join(prefix, INDEX_NAME), index.to_json(prefix, listing))
+    return index
