@@ -89,7 +89,11 @@ def _parser() -> argparse.ArgumentParser:
             "index.s3pipes.json (every sample's byte range in every shard), so that a MapDataset "
             "opens with one GET instead of a listing or a scan."
         ),
-        epilog="examples:\n  s3pipes index s3://mnist/train/ --suffix .png\n  s3pipes index s3://bucket/shards/ --shards",
+        epilog=(
+            "examples:\n"
+            "  s3pipes index s3://mnist/train/ --suffix .png\n"
+            "  s3pipes index s3://bucket/shards/ --shards"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     index.add_argument("url")
