@@ -1,0 +1,44 @@
+"""MapDataset against SeaweedFS: concurrent batches, manifests, shard indexes, errors."""
+
+from __future__ import annotations
+
+import pytest
+from torch.utils.data import DataLoader
+
+import s3pipes as sp
+from s3pipes import MapDataset, Store
+from s3pipes.index import write_manifest
+from tests.unit.test_pipe import write_shards
+
+pytestmark = pytest.mark.integration
+
+
+def test_objects_by_key_with_labels_through_a_dataloader(s3_store: Store, s3_root: str) -> None:
+    for label in range(3):
+        for n in range(10):
+            s3_store.write_bytes(f"{s3_root}/train/{label}/{n:05d}.png", bytes([label, n]))
+    write_manifest(s3_store, f"{s3_root}/train/", suffix=".png")
+    ds = MapDataset.from_prefix(
+        f"{s3_root}/train/", suffix=".png", store=s3_store, transform=lambda r: (int(r.key.split("/")[-2]), r.read())
+    )
+    assert len(ds) == 30 and ds[0] == (0, bytes([0, 0])) and ds[-1] == (2, bytes([2, 9]))
+    loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, collate_fn=list, multiprocessing_context="fork")
+    seen = sorted(item for batch in loader for item in batch)
+    assert seen == sorted(ds[i] for i in range(30))
+
+
+def test_missing_object_in_a_batch_names_it(s3_store: Store, s3_root: str) -> None:
+    s3_store.write_bytes(f"{s3_root}/a.png", b"a")
+    ds = MapDataset.from_objects([f"{s3_root}/a.png", f"{s3_root}/missing.png"], store=s3_store)
+    with pytest.raises(sp.ObjectNotFound, match=r"missing\.png"):
+        ds.__getitems__([0, 1])
+
+
+def test_shard_samples_match_the_stream_and_a_rewrite_is_stale(s3_store: Store, s3_root: str) -> None:
+    write_shards(f"{s3_root}/shards", shards=3, per_shard=5, store=s3_store)
+    streamed = list(sp.webdataset(f"{s3_root}/shards/", store=s3_store))
+    ds = MapDataset.from_shards(f"{s3_root}/shards/", store=s3_store)
+    assert ds.__getitems__(list(range(len(ds)))) == streamed
+    s3_store.write_bytes(f"{s3_root}/shards/shard-001.tar", b"")  # rewritten after indexing
+    with pytest.raises(sp.StaleIndex, match=r"shard-001\.tar"):
+        MapDataset.from_shards(f"{s3_root}/shards/", store=s3_store)
