@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from s3pipes.errors import DataError
+from s3pipes.errors import DataError, ObjectNotFound
 from s3pipes.stages._tarparse import TarReader
 from s3pipes.stages.group import split_key
 from s3pipes.stages.open import ObjectStream
@@ -77,15 +77,23 @@ def write_manifest(store: Store, prefix: str, *, suffix: str = "") -> str:
     return url
 
 
+def _read_document(store: Store, url: str, kind: str) -> dict[str, Any] | None:
+    """The s3pipes JSON document of ``kind`` at ``url`` (one GET), or None if there is none."""
+    try:
+        body = json.loads(store.read_bytes(url))
+    except ObjectNotFound:
+        return None
+    except json.JSONDecodeError as exc:
+        raise DataError(url, f"not JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("version") != _VERSION or body.get("kind") != kind:
+        raise DataError(url, f"not an s3pipes {kind} document of version {_VERSION}")
+    return body
+
+
 def read_manifest(store: Store, prefix: str) -> list[str] | None:
     """Object URLs from the manifest under ``prefix`` (one GET), or None if there is none."""
-    url = _join(prefix, MANIFEST_NAME)
-    if not store.exists(url):
-        return None
-    body = json.loads(store.read_bytes(url))
-    if body.get("version") != _VERSION or body.get("kind") != "objects":
-        raise DataError(url, f"not an s3pipes object manifest (version {body.get('version')!r})")
-    return [_join(prefix, name) for name, _, _ in body["objects"]]
+    body = _read_document(store, _join(prefix, MANIFEST_NAME), "objects")
+    return None if body is None else [_join(prefix, name) for name, _, _ in body["objects"]]
 
 
 @dataclass(frozen=True)
@@ -116,11 +124,9 @@ class ShardIndex:
             StaleIndex: a shard's size or ETag differs from the index's (names the shard).
         """
         url = _join(prefix, INDEX_NAME)
-        if not store.exists(url):
+        body = _read_document(store, url, "shards")
+        if body is None:
             return None
-        body = json.loads(store.read_bytes(url))
-        if body.get("version") != _VERSION or body.get("kind") != "shards":
-            raise DataError(url, f"not an s3pipes shard index (version {body.get('version')!r})")
         listing = _listing(store, prefix, suffix)
         shards, samples = [], []
         for number, entry in enumerate(body["shards"]):
