@@ -50,15 +50,9 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _listing(store: Store, prefix: str, suffix: str) -> dict[str, dict[str, Any]]:
-    """``{url: info}`` for every object under ``prefix`` ending in ``suffix`` (one paginated listing)."""
-    fs, path = store.resolve(prefix)
-    with store.errors(prefix):
-        found = fs.find(path, detail=True)
-    root, base = path.rstrip("/"), prefix.rstrip("/")
+    """``{url: info}`` for every object under ``prefix`` ending in ``suffix``, our own files excluded."""
     return {
-        base + name[len(root) :]: info
-        for name, info in sorted(found.items())
-        if name.endswith(suffix) and not name.endswith(".s3pipes.json")
+        url: info for url, info in store.list_info(prefix, suffix=suffix).items() if not url.endswith(".s3pipes.json")
     }
 
 

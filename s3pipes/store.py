@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import IO, Any, cast
 from urllib.parse import urlsplit
@@ -482,16 +483,45 @@ class Store:
             >>> store.list("memory://doc-list/", suffix=".tar")
             ['memory://doc-list/a.tar', 'memory://doc-list/b.tar']
         """
+        return list(self.list_info(prefix, suffix=suffix))
+
+    def list_info(self, prefix: str, *, suffix: str = "") -> dict[str, dict[str, Any]]:
+        """``{url: info}`` (size, ETag, ...) of every object under ``prefix`` ending in ``suffix``, sorted.
+
+        On S3, a prefix with several "subdirectories" (common prefixes) is listed one
+        subdirectory per request stream, concurrently: listing pages are sequential
+        within a prefix, so this divides the wall time by up to their number.
+        """
         fs, path = self.resolve(prefix)
         with self.errors(prefix):
-            found = fs.find(path)
-            if not found and not fs.exists(path):
-                # s3fs returns [] for a prefix with nothing under it, but raises for a missing
-                # bucket only on some calls: ask once more so that case is never silent.
-                fs.ls(path.split("/")[0] if self._protocol(prefix) in _S3_PROTOCOLS else path)
+            if self._protocol(prefix) in _S3_PROTOCOLS:
+                found = self._find_s3(fs, path)
+            else:
+                found = fs.find(path, detail=True)
+                if not found and not fs.exists(path):
+                    fs.ls(path)  # raises for a missing root, so that case is never silent
         # Spell results like the prefix was spelled ("memory://x" not "memory:///x").
         root, base = path.rstrip("/"), prefix.rstrip("/")
-        return sorted(base + p[len(root) :] for p in found if p.endswith(suffix) and p.startswith(root))
+        return {
+            base + name[len(root) :]: dict(info)
+            for name, info in sorted(found.items())
+            if name.endswith(suffix) and name.startswith(root)
+        }
+
+    @staticmethod
+    def _find_s3(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+        try:
+            top = fs.ls(path, detail=True, refresh=True)  # one delimited listing
+        except FileNotFoundError:
+            fs.info(path.split("/")[0])  # raises for a missing bucket; an empty prefix lists nothing
+            return {}
+        found = {entry["name"]: entry for entry in top if entry["type"] != "directory"}
+        subdirectories = [entry["name"] for entry in top if entry["type"] == "directory"]
+        if subdirectories:
+            with ThreadPoolExecutor(min(16, len(subdirectories)), thread_name_prefix="s3pipes-list") as pool:
+                for part in pool.map(lambda name: fs.find(name, detail=True), subdirectories):
+                    found.update(part)
+        return found
 
     def delete(self, url: str) -> None:
         """Delete one object."""
