@@ -150,6 +150,9 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     if endpoint is not None:
         config.setdefault("s3", {"addressing_style": "path"})
     options["config_kwargs"] = config
+    # s3fs answers info()/open()/cat_file() sizes from listings it cached, so after a listing
+    # an object another process wrote or replaced since looked missing or kept its old size.
+    options.setdefault("use_listings_cache", False)
     return options
 
 

@@ -68,3 +68,15 @@ def test_store_used_before_fork_works_in_forked_child(s3_store: Store, s3_root: 
     started = time.monotonic()
     assert s3_store.list(s3_root) == [f"{s3_root}/a.bin"]
     assert time.monotonic() - started < 5
+
+
+def test_reads_after_a_listing_see_objects_changed_since(s3_server: object, s3_store: Store, s3_root: str) -> None:
+    """s3fs's listing cache made a replaced object keep its old size (and a new one look missing)."""
+    s3_store.write_bytes(f"{s3_root}/a.bin", b"short")
+    assert s3_store.list(s3_root) == [f"{s3_root}/a.bin"]
+    other = Store(s3_server.storage_options)  # type: ignore[attr-defined]
+    other.write_bytes(f"{s3_root}/a.bin", b"a longer replacement")
+    other.write_bytes(f"{s3_root}/b.bin", b"new")
+    assert s3_store.read_bytes(f"{s3_root}/a.bin") == b"a longer replacement"
+    assert s3_store.info(f"{s3_root}/a.bin")["size"] == 20
+    assert s3_store.exists(f"{s3_root}/b.bin")
