@@ -4,6 +4,7 @@ The public surface is what ``__all__`` lists; everything else is private.
 Importing s3pipes reads no environment variable and opens no connection.
 """
 
+from s3pipes.checkpoint import CheckpointNotFound, CheckpointStore, CorruptCheckpoint, WeightsOnlyRefused
 from s3pipes.decode import Decoder
 from s3pipes.errors import (
     AccessDenied,
@@ -44,8 +45,11 @@ __all__ = [
     "AccessDenied",
     "AuthError",
     "BucketNotFound",
+    "CheckpointNotFound",
+    "CheckpointStore",
     "ConfigError",
     "ConnectionDropped",
+    "CorruptCheckpoint",
     "CorruptShard",
     "CredentialsMissing",
     "CredentialsRejected",
@@ -72,6 +76,7 @@ __all__ = [
     "StoreRequestError",
     "StoreTimeout",
     "UnknownAccessKey",
+    "WeightsOnlyRefused",
     "WrongRegion",
     "from_urls",
     "list_prefix",

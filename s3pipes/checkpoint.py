@@ -1,0 +1,584 @@
+"""Checkpoints of PyTorch state dicts in the store: payload first, marker last, old steps retained or not.
+
+Layout under a run prefix such as ``s3://ckpts/project/experiment/run``::
+
+    <run>/step-000000123/state.pt          payload: torch.save of the state, streamed in parts
+    <run>/step-000000123/COMMITTED.json    marker, written LAST: step, payload name, size, sha256, ...
+    <run>/latest.json                      pointer to the step saved last, written after its marker
+    <run>/<name>                           anything else: writer(name) / reader(name) / save(key=name)
+
+A step is *committed* once its marker exists. ``save`` publishes the payload (an object
+appears whole or not at all), then the marker, then ``latest.json``, then applies
+retention; a process killed at any moment leaves at most an uncommitted step (a payload
+without a marker, ignored) or a stale pointer (``load`` falls back to the newest
+committed step). ``load`` checks the payload against the marker's size and sha256
+before unpickling, so a partial or replaced payload is never returned.
+
+Guarantees and non-guarantees:
+
+- One writer per run. Readers may run concurrently; a step that retention deletes
+  while it is being read fails that read (``load()`` then tries the next newest).
+- ``latest.json`` wins over the step numbers: after ``load(step=3)`` and a new
+  ``save(step=4)``, ``load()`` returns step 4 even if steps 5.. from an earlier
+  timeline are still there. Without a valid pointer the highest committed step wins.
+- Retention (``keep_last``) deletes, after the new step is committed, every older step
+  beyond the ``keep_last`` highest ones (marker first, then payload), and leftovers of
+  killed saves below the new step. On a versioned bucket deletes leave noncurrent
+  versions behind: expire them with a lifecycle rule. Multipart uploads of a killed
+  save are not aborted here either (a lifecycle rule again).
+- Fixed-key mode (``save(state, key="model.pt")``) writes one object per save with no
+  marker: the object is atomic by itself, and on a versioned bucket every save stays
+  readable as a version (:meth:`CheckpointStore.versions`, ``load(key=, version_id=)``).
+
+Errors (defined here, in the :mod:`s3pipes.errors` tree)::
+
+    ObjectNotFound(FileNotFoundError)
+    └── CheckpointNotFound      no such committed step, or none at all (lists the ones there are)
+    DataError(ValueError)
+    ├── CorruptCheckpoint       payload does not match its marker, or is not a torch.save file
+    └── WeightsOnlyRefused      torch.load(weights_only=True) refused an object (also UnpicklingError)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import pickle
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, Any
+
+import torch
+from fsspec.core import split_protocol
+from torch.serialization import MAP_LOCATION
+
+from s3pipes import errors
+from s3pipes.store import Store
+
+__all__ = ["CheckpointNotFound", "CheckpointStore", "CorruptCheckpoint", "ObjectVersion", "WeightsOnlyRefused"]
+
+_FORMAT = "s3pipes.checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d{9,})$")
+_PART_SIZE = 8 << 20  # multipart part size for payloads: a 256 MiB state is 32 parts, never one 256 MiB buffer
+_S3_PROTOCOLS = ("s3", "s3a")
+_log = logging.getLogger(__name__)
+
+
+class CheckpointNotFound(errors.ObjectNotFound):
+    """The run has no committed checkpoint at this step (``step``), or none at all (``step`` is None).
+
+    Attributes:
+        step: the step asked for, or None for "the latest".
+        available: the committed steps there are, sorted.
+    """
+
+    def __init__(self, url: str, endpoint: str, step: int | None, available: list[int]) -> None:
+        self.step, self.available = step, list(available)
+        if step is None:
+            detail = "no committed checkpoint in this run"
+            hint = "Save one with save(state, step=...); objects saved with key= load with load(key=...)"
+        else:
+            older = f" (and {len(available) - 20} older)" if len(available) > 20 else ""
+            detail = f"step {step} has no committed checkpoint"
+            hint = (
+                f"Committed steps: {', '.join(map(str, available[-20:]))}{older}"
+                if available
+                else ("The run has no committed checkpoint yet")
+            )
+        super().__init__(url, endpoint, detail, hint)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.url, self.endpoint, self.step, self.available))
+
+
+class CorruptCheckpoint(errors.DataError):
+    """A payload does not match its marker (size or sha256), or torch cannot read it."""
+
+
+class WeightsOnlyRefused(errors.DataError, pickle.UnpicklingError):
+    """``torch.load(weights_only=True)`` refused an object in the checkpoint (it is not plain tensors/containers)."""
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of an object in a versioned bucket, as :meth:`CheckpointStore.versions` lists them.
+
+    Attributes:
+        url: the object (without version).
+        version_id: pass to ``load(key=..., version_id=...)``; ``"null"`` in an unversioned bucket.
+        size: bytes. last_modified: when this version was written. is_latest: the current version.
+    """
+
+    url: str
+    version_id: str
+    size: int
+    last_modified: datetime
+    is_latest: bool
+
+
+class _HashingWriter:
+    """What ``torch.save`` writes to: counts and hashes the bytes on their way to the store file.
+
+    torch turns an exception raised by ``write`` into a bare RuntimeError; the original (a
+    translated store error) is kept in ``error`` and re-raised by the caller.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file, self.sha256, self.size = file, hashlib.sha256(), 0
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self._file.write(data)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+
+def _is_s3(url: str) -> bool:
+    return split_protocol(url)[0] in _S3_PROTOCOLS
+
+
+def _check_step(step: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{step=} must be an int >= 0")
+    return step
+
+
+def _torch_load(data: bytes, url: str, map_location: MAP_LOCATION, weights_only: bool) -> Any:
+    """``torch.load`` of ``data``, with its failures named after ``url``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        if weights_only and "weights only" in str(exc).lower():
+            reason = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip()
+            raise WeightsOnlyRefused(
+                url,
+                f"torch.load(weights_only=True) refused an object in it ({reason or 'see the cause'}). "
+                "If you trust the file, "
+                "load it with weights_only=False, or allow the type with torch.serialization.add_safe_globals",
+            ) from exc
+        raise CorruptCheckpoint(url, f"not a readable torch.save file: {exc}") from exc
+    except (EOFError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, RuntimeError) and "zip archive" not in str(exc) and "PytorchStreamReader" not in str(exc):
+            raise  # e.g. a map_location that names a device this machine lacks: not the file's fault
+        raise CorruptCheckpoint(url, f"not a readable torch.save file ({type(exc).__name__}: {exc})") from exc
+
+
+class CheckpointStore:
+    """Save and load state dicts under one run prefix, atomically (see the module docstring for the layout).
+
+    Args:
+        url: the run prefix, e.g. ``"s3://ckpts/project/experiment/run"`` (any fsspec URL).
+        keep_last: after each committed save keep only this many highest steps; None keeps all.
+        store: the :class:`~s3pipes.Store` to go through; ``Store.from_env()`` when None.
+
+    Raises:
+        ValueError: ``keep_last`` is not a positive int, or ``url`` is empty.
+
+    Example:
+        >>> ckpt = CheckpointStore("memory://doc-ckpt/run", keep_last=2, store=Store())
+        >>> for epoch in range(3):
+        ...     _ = ckpt.save({"w": torch.full((2,), float(epoch))}, step=epoch)
+        >>> ckpt.steps(), ckpt.load()["w"].tolist()
+        ([1, 2], [2.0, 2.0])
+    """
+
+    STEP_FORMAT = "step-{:09d}"
+    PAYLOAD_NAME = "state.pt"
+    MARKER_NAME = "COMMITTED.json"
+    LATEST_NAME = "latest.json"
+
+    def __init__(self, url: str, *, keep_last: int | None = None, store: Store | None = None) -> None:
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"{keep_last=} must be a positive int, or None to keep every step")
+        self.url = url.rstrip("/")
+        if not self.url or self.url.endswith("://"):
+            raise ValueError(f"{url=} must name a run prefix, e.g. 's3://bucket/project/experiment/run'")
+        self.keep_last = keep_last
+        self.store = store if store is not None else Store.from_env()
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.url!r}, keep_last={self.keep_last})"
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def step_url(self, step: int) -> str:
+        """The directory of ``step``: ``<run>/step-000000123``."""
+        return f"{self.url}/{self.STEP_FORMAT.format(_check_step(step))}"
+
+    def object_url(self, name: str) -> str:
+        """The URL of ``name`` under the run, for raw objects and fixed-key saves.
+
+        Raises:
+            ValueError: ``name`` is absolute, has empty/``.``/``..`` parts, or is one of the
+                names the step layout owns (``latest.json``, ``step-*``).
+        """
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"{name=} must be a relative object name like 'extra.pt' or 'models/model.pt'")
+        if name == self.LATEST_NAME or _STEP_DIR.match(parts[0]):
+            raise ValueError(f"{name=} is reserved for the step layout ({self.LATEST_NAME}, step-*/); pick another")
+        return f"{self.url}/{name}"
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, state: Mapping[str, Any], *, step: int | None = None, key: str | None = None) -> str:
+        """Save ``state`` as ``step`` (committed by its marker), or to the fixed object ``key``.
+
+        Args:
+            state: what ``torch.save`` takes, typically ``{"model": ..., "optim": ..., "data": ...}``.
+            step: the step number (an int >= 0). Saving a step again replaces it: its marker
+                is deleted first, so the step is uncommitted until the new payload is complete.
+            key: instead of ``step``: one object under the run (``"model.pt"``), replaced on each
+                save; on a versioned bucket every save stays as a version. No marker, no retention.
+
+        Returns:
+            The URL of the payload object.
+
+        Raises:
+            ValueError: neither or both of ``step`` and ``key``.
+            StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...);
+                nothing is committed then.
+        """
+        if (step is None) == (key is None):
+            raise ValueError(
+                f"save needs exactly one of step= or key=, got {step=}, {key=}: step= for the step layout, "
+                "key= for one fixed object (keep the epoch inside the state)"
+            )
+        if key is not None:
+            url = self.object_url(key)
+            self._write_payload(url, state)
+            return url
+        assert step is not None
+        step_url = self.step_url(step)
+        payload_url, marker_url = f"{step_url}/{self.PAYLOAD_NAME}", f"{step_url}/{self.MARKER_NAME}"
+        if self._read_bytes_or_none(marker_url) is not None:  # one GET; a missing bucket fails here, early
+            self.store.delete(marker_url)  # uncommit the step before replacing its payload
+        size, sha256 = self._write_payload(payload_url, state)
+        marker = {
+            "format": _FORMAT,
+            "step": step,
+            "payload": self.PAYLOAD_NAME,
+            "size": size,
+            "sha256": sha256,
+            "created": time.time(),
+            "torch": torch.__version__,
+        }
+        self.store.write_bytes(marker_url, json.dumps(marker, indent=1).encode())
+        latest = {"format": _FORMAT, "step": step, "marker": f"{self.STEP_FORMAT.format(step)}/{self.MARKER_NAME}"}
+        self.store.write_bytes(f"{self.url}/{self.LATEST_NAME}", json.dumps(latest).encode())
+        if self.keep_last is not None:
+            self._retain(step)
+        return payload_url
+
+    def _write_payload(self, url: str, state: object) -> tuple[int, str]:
+        """``torch.save`` streamed to ``url``, published on success only; returns (size, sha256)."""
+        with self.store.open(url, "wb", block_size=_PART_SIZE) as file:
+            writer = _HashingWriter(file)
+            try:
+                torch.save(state, writer)  # type: ignore[arg-type]  # torch wants IO[bytes]; write/flush suffice
+            except Exception:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+        return writer.size, writer.sha256.hexdigest()
+
+    def _retain(self, saved: int) -> None:
+        """Delete steps beyond ``keep_last`` (never ``saved``) and killed saves' leftovers below ``saved``."""
+        assert self.keep_last is not None
+        layout = self._scan()
+        committed = sorted(step for step, files in layout.items() if self.MARKER_NAME in files)
+        keep = set(committed[-self.keep_last :]) | {saved}
+        doomed = [s for s in committed if s not in keep] + [s for s in layout if s < saved and s not in committed]
+        for step in sorted(doomed):
+            names = sorted(layout[step], key=lambda name: name != self.MARKER_NAME)  # the marker first
+            for name in names:
+                with contextlib.suppress(errors.ObjectNotFound):
+                    self.store.delete(f"{self.step_url(step)}/{name}")
+
+    # -- listing --------------------------------------------------------------------------------
+
+    def _scan(self) -> dict[int, dict[str, int]]:
+        """``{step: {file name: size}}`` for every step directory under the run, from one listing."""
+        try:
+            listing = self.store.list_info(self.url + "/")
+        except errors.ObjectNotFound:  # no such directory (memory://, file://): an empty run
+            return {}
+        root = self.url + "/"
+        layout: dict[int, dict[str, int]] = {}
+        for url, info in listing.items():
+            if info.get("type") == "directory":
+                continue  # SeaweedFS lists a prefix emptied by retention as a directory entry
+            first, _, rest = url[len(root) :].partition("/") if url.startswith(root) else ("", "", "")
+            match = _STEP_DIR.match(first)
+            if match and rest:
+                layout.setdefault(int(match[1]), {})[rest] = int(info.get("size") or 0)
+        return layout
+
+    def _committed(self) -> dict[int, dict[str, Any]]:
+        """``{step: marker}`` for every committed step whose payload is there with the recorded size."""
+        layout = self._scan()
+        steps = sorted(step for step, files in layout.items() if self.MARKER_NAME in files)
+        if not steps:
+            return {}
+        urls = [f"{self.step_url(step)}/{self.MARKER_NAME}" for step in steps]
+        bodies: list[bytes | None]
+        try:
+            bodies = list(self.store.read_ranges(urls))
+        except errors.ObjectNotFound:  # a marker deleted since the listing: read them one by one
+            bodies = [self._read_bytes_or_none(url) for url in urls]
+        result: dict[int, dict[str, Any]] = {}
+        for step, url, body in zip(steps, urls, bodies, strict=True):
+            marker = self._parse_marker(body, step, url) if body is not None else None
+            if marker is not None and layout[step].get(marker["payload"]) == marker["size"]:
+                result[step] = marker
+        return result
+
+    def steps(self) -> list[int]:
+        """The committed steps, sorted (one listing, plus one small GET per step, run concurrently).
+
+        Example:
+            >>> CheckpointStore("memory://doc-empty/run", store=Store()).steps()
+            []
+        """
+        return sorted(self._committed())
+
+    def latest_step(self) -> int | None:
+        """The step ``load()`` returns (the pointer's, if committed; else the highest committed), or None."""
+        pointed = self._read_latest()
+        committed = self._committed()
+        if pointed is not None and pointed in committed:
+            return pointed
+        return max(committed, default=None)
+
+    # -- loading --------------------------------------------------------------------------------
+
+    def load(
+        self,
+        step: int | None = None,
+        *,
+        key: str | None = None,
+        version_id: str | None = None,
+        map_location: MAP_LOCATION = None,
+        weights_only: bool = True,
+    ) -> Any:
+        """The state saved at ``step`` (default: the latest committed one), or the object ``key``.
+
+        Args:
+            step: a committed step; None for the latest (see the module docstring for which).
+            key: load the object ``<run>/<key>`` instead (fixed-key saves, plain ``torch.save`` files).
+            version_id: with ``key``: that version of it (versioned S3 buckets).
+            map_location: as for ``torch.load``.
+            weights_only: as for ``torch.load``; True refuses arbitrary pickled objects.
+
+        Raises:
+            CheckpointNotFound: ``step`` is not committed (the message lists the committed
+                steps), or the run has no committed step at all.
+            CorruptCheckpoint: the payload of ``step`` does not match its marker, or no
+                committed step (when loading the latest) has a readable payload.
+            WeightsOnlyRefused: the payload holds objects ``weights_only=True`` does not allow.
+            StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...).
+        """
+        if key is not None:
+            if step is not None:
+                raise ValueError(f"load takes step= or key=, not both: got {step=}, {key=}")
+            return self.load_url(
+                self.object_url(key),
+                store=self.store,
+                version_id=version_id,
+                map_location=map_location,
+                weights_only=weights_only,
+            )
+        if version_id is not None:
+            raise ValueError(f"{version_id=} needs key=: versions belong to a fixed object, e.g. load(key='model.pt')")
+        if step is not None:
+            marker = self._read_marker(_check_step(step))
+            if marker is None:
+                raise CheckpointNotFound(self.step_url(step), self.store.endpoint(self.url), step, self.steps())
+            return self._load_step(step, marker, map_location, weights_only)
+        return self._load_latest(map_location, weights_only)
+
+    def _load_latest(self, map_location: MAP_LOCATION, weights_only: bool) -> Any:
+        failure: CorruptCheckpoint | None = None
+        tried: set[int] = set()
+        pointed = self._read_latest()
+        marker = self._read_marker(pointed) if pointed is not None else None
+        if pointed is not None and marker is not None:
+            try:
+                return self._load_step(pointed, marker, map_location, weights_only)
+            except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
+                _log.warning("%s: falling back to an older step: %s", self.url, exc)
+                failure = exc if isinstance(exc, CorruptCheckpoint) else failure
+                tried.add(pointed)
+        committed = self._committed()
+        for step in sorted(set(committed) - tried, reverse=True):
+            try:
+                return self._load_step(step, committed[step], map_location, weights_only)
+            except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
+                _log.warning("%s: falling back to an older step: %s", self.url, exc)
+                failure = exc if isinstance(exc, CorruptCheckpoint) else failure
+        if failure is not None:
+            raise failure
+        raise CheckpointNotFound(self.url, self.store.endpoint(self.url), None, [])
+
+    def _load_step(self, step: int, marker: dict[str, Any], map_location: MAP_LOCATION, weights_only: bool) -> Any:
+        url = f"{self.step_url(step)}/{marker['payload']}"
+        data = self.store.read_bytes(url)
+        if len(data) != marker["size"]:
+            raise CorruptCheckpoint(url, f"{len(data)} bytes, but its marker recorded {marker['size']}")
+        if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+            raise CorruptCheckpoint(url, "sha256 differs from the one its marker recorded")
+        return _torch_load(data, url, map_location, weights_only)
+
+    def _read_bytes_or_none(self, url: str) -> bytes | None:
+        try:
+            return self.store.read_bytes(url)
+        except errors.ObjectNotFound:
+            return None
+
+    def _read_json(self, url: str) -> dict[str, Any] | None:
+        """The JSON object at ``url``; None if it does not exist or is not one of ours."""
+        body = self._read_bytes_or_none(url)
+        if body is None:
+            return None
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict) or document.get("format") != _FORMAT:
+            _log.warning("%s: ignored: not an %s document", url, _FORMAT)
+            return None
+        return document
+
+    def _parse_marker(self, body: bytes, step: int, url: str) -> dict[str, Any] | None:
+        try:
+            marker = json.loads(body)
+        except ValueError:
+            marker = None
+        valid = (
+            isinstance(marker, dict)
+            and marker.get("format") == _FORMAT
+            and marker.get("step") == step
+            and isinstance(marker.get("payload"), str)
+            and "/" not in marker["payload"]
+            and isinstance(marker.get("size"), int)
+            and isinstance(marker.get("sha256"), str)
+        )
+        if not valid:
+            _log.warning("%s: ignored: not a valid marker for step %d", url, step)
+            return None
+        assert isinstance(marker, dict)
+        return marker
+
+    def _read_marker(self, step: int) -> dict[str, Any] | None:
+        url = f"{self.step_url(step)}/{self.MARKER_NAME}"
+        body = self._read_bytes_or_none(url)
+        return self._parse_marker(body, step, url) if body is not None else None
+
+    def _read_latest(self) -> int | None:
+        document = self._read_json(f"{self.url}/{self.LATEST_NAME}")
+        step = document.get("step") if document is not None else None
+        return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+    @staticmethod
+    def load_url(
+        url: str,
+        *,
+        store: Store | None = None,
+        version_id: str | None = None,
+        map_location: MAP_LOCATION = None,
+        weights_only: bool = True,
+    ) -> Any:
+        """``torch.load`` of any object URL, e.g. one written by plain ``torch.save`` through fsspec.
+
+        Args:
+            url: the object.
+            store: the Store to read through; ``Store.from_env()`` when None.
+            version_id: that version of the object (S3 only).
+            map_location, weights_only: as for ``torch.load``.
+
+        Raises:
+            ObjectNotFound, BucketNotFound, CredentialsRejected, ...: as the Store raises them.
+            CorruptCheckpoint: not a torch.save file. WeightsOnlyRefused: see :meth:`load`.
+        """
+        store = store if store is not None else Store.from_env()
+        return _torch_load(_read_version(store, url, version_id), url, map_location, weights_only)
+
+    # -- raw access and versions ----------------------------------------------------------------
+
+    def writer(self, name: str) -> IO[bytes]:
+        """A file for ``<run>/<name>``, published when closed cleanly (discarded if the ``with`` raises).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-raw/run", store=Store())
+            >>> with ckpt.writer("extra.pt") as f:
+            ...     torch.save({"lr": 0.1}, f)
+            >>> with ckpt.reader("extra.pt") as f:
+            ...     torch.load(f, weights_only=True)
+            {'lr': 0.1}
+        """
+        return self.store.open(self.object_url(name), "wb", block_size=_PART_SIZE)
+
+    def reader(self, name: str) -> IO[bytes]:
+        """A seekable file reading ``<run>/<name>`` (what ``torch.load`` takes)."""
+        url = self.object_url(name)
+        return self.store.open(url, "rb")
+
+    def versions(self, name: str) -> list[ObjectVersion]:
+        """Every version of ``<run>/<name>``, oldest first (the store's order); delete markers are skipped.
+
+        Needs an S3 store; in an unversioned bucket the one version has ``version_id="null"``.
+
+        Raises:
+            ConfigError: the run is not on S3 (other stores keep one version).
+            StoreError: ``BucketNotFound``, ``CredentialsRejected``, ...
+        """
+        url = self.object_url(name)
+        fs, path = self.store.resolve(url)
+        if not _is_s3(url):
+            raise errors.ConfigError(f"{url}: object versions need S3 with bucket versioning; this store keeps one")
+        bucket, _, key = path.partition("/")
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+        newest_first: list[ObjectVersion] = []
+        with self.store.errors(url):
+            while True:
+                page = fs.call_s3("list_object_versions", **request)
+                newest_first += [
+                    ObjectVersion(url, str(v["VersionId"]), int(v["Size"]), v["LastModified"], bool(v["IsLatest"]))
+                    for v in page.get("Versions", [])
+                    if v["Key"] == key
+                ]
+                if not page.get("IsTruncated"):
+                    break
+                request["KeyMarker"] = page.get("NextKeyMarker", "")
+                request["VersionIdMarker"] = page.get("NextVersionIdMarker", "")
+        return newest_first[::-1]
+
+
+def _read_version(store: Store, url: str, version_id: str | None) -> bytes:
+    """The bytes of ``url``, or of one version of it (S3 only)."""
+    if version_id is None:
+        return store.read_bytes(url)
+    fs, path = store.resolve(url)
+    if not _is_s3(url):
+        raise errors.ConfigError(f"{url}: {version_id=} needs an S3 store; this one keeps one version")
+    with store.errors(url):
+        # max_concurrency=1: one GET. Otherwise s3fs sizes the read by the *current* version.
+        return bytes(fs.cat_file(path, version_id=version_id, max_concurrency=1))
