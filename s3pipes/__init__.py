@@ -4,14 +4,16 @@ The public surface is what ``__all__`` lists; everything else is private.
 Importing s3pipes reads no environment variable and opens no connection.
 """
 
-from s3pipes.checkpoint import CheckpointNotFound, CheckpointStore, CorruptCheckpoint, WeightsOnlyRefused
+from s3pipes.checkpoint import CheckpointStore
 from s3pipes.decode import Decoder
 from s3pipes.errors import (
     AccessDenied,
     AuthError,
     BucketNotFound,
+    CheckpointNotFound,
     ConfigError,
     ConnectionDropped,
+    CorruptCheckpoint,
     CorruptShard,
     CredentialsMissing,
     CredentialsRejected,
@@ -28,13 +30,14 @@ from s3pipes.errors import (
     S3PipesError,
     ServerError,
     SignatureMismatch,
+    StaleIndex,
     StoreError,
     StoreRequestError,
     StoreTimeout,
     UnknownAccessKey,
+    WeightsOnlyRefused,
     WrongRegion,
 )
-from s3pipes.index import StaleIndex
 from s3pipes.mapstyle import MapDataset, ObjectReader
 from s3pipes.pipe import Pipe, from_urls, list_prefix, webdataset
 from s3pipes.store import Store, load_env

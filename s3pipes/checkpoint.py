@@ -30,7 +30,7 @@ Guarantees and non-guarantees:
   marker: the object is atomic by itself, and on a versioned bucket every save stays
   readable as a version (:meth:`CheckpointStore.versions`, ``load(key=, version_id=)``).
 
-Errors (defined here, in the :mod:`s3pipes.errors` tree)::
+Errors (in the :mod:`s3pipes.errors` tree)::
 
     ObjectNotFound(FileNotFoundError)
     └── CheckpointNotFound      no such committed step, or none at all (lists the ones there are)
@@ -59,6 +59,7 @@ from fsspec.core import split_protocol
 from torch.serialization import MAP_LOCATION
 
 from s3pipes import errors
+from s3pipes.errors import CheckpointNotFound, CorruptCheckpoint, WeightsOnlyRefused
 from s3pipes.store import Store
 
 __all__ = ["CheckpointNotFound", "CheckpointStore", "CorruptCheckpoint", "ObjectVersion", "WeightsOnlyRefused"]
@@ -68,41 +69,6 @@ _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 _PART_SIZE = 8 << 20  # multipart part size for payloads: a 256 MiB state is 32 parts, never one 256 MiB buffer
 _S3_PROTOCOLS = ("s3", "s3a")
 _log = logging.getLogger(__name__)
-
-
-class CheckpointNotFound(errors.ObjectNotFound):
-    """The run has no committed checkpoint at this step (``step``), or none at all (``step`` is None).
-
-    Attributes:
-        step: the step asked for, or None for "the latest".
-        available: the committed steps there are, sorted.
-    """
-
-    def __init__(self, url: str, endpoint: str, step: int | None, available: list[int]) -> None:
-        self.step, self.available = step, list(available)
-        if step is None:
-            detail = "no committed checkpoint in this run"
-            hint = "Save one with save(state, step=...); objects saved with key= load with load(key=...)"
-        else:
-            older = f" (and {len(available) - 20} older)" if len(available) > 20 else ""
-            detail = f"step {step} has no committed checkpoint"
-            hint = (
-                f"Committed steps: {', '.join(map(str, available[-20:]))}{older}"
-                if available
-                else ("The run has no committed checkpoint yet")
-            )
-        super().__init__(url, endpoint, detail, hint)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.url, self.endpoint, self.step, self.available))
-
-
-class CorruptCheckpoint(errors.DataError):
-    """A payload does not match its marker (size or sha256), or torch cannot read it."""
-
-
-class WeightsOnlyRefused(errors.DataError, pickle.UnpicklingError):
-    """``torch.load(weights_only=True)`` refused an object in the checkpoint (it is not plain tensors/containers)."""
 
 
 @dataclass(frozen=True)

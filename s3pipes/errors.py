@@ -9,6 +9,7 @@ the builtin a caller would catch without knowing s3pipes, so
     │   ├── NotFound(FileNotFoundError)
     │   │   ├── BucketNotFound
     │   │   └── ObjectNotFound
+    │   │       └── CheckpointNotFound  no committed checkpoint at that step (lists the ones there are)
     │   ├── AuthError(PermissionError)
     │   │   ├── CredentialsMissing      no credentials anywhere in the chain
     │   │   ├── CredentialsRejected     the store refused the credentials
@@ -24,7 +25,10 @@ the builtin a caller would catch without knowing s3pipes, so
     ├── DataError(ValueError)           the bytes are not what the pipeline expects
     │   ├── CorruptShard                not a readable tar stream (names shard and byte offset)
     │   ├── DuplicateField              a field repeated in one sample (names shard and member)
-    │   └── DecodeError                 a field could not be decoded (names sample, shard, field)
+    │   ├── DecodeError                 a field could not be decoded (names sample, shard, field)
+    │   ├── StaleIndex                  a shard changed after its index was written
+    │   ├── CorruptCheckpoint           a payload does not match its marker, or is not a torch.save file
+    │   └── WeightsOnlyRefused          torch.load(weights_only=True) refused an object (UnpicklingError)
     ├── ConfigError(ValueError)
     │   ├── MalformedEndpoint           e.g. "localhost:9000" (no scheme)
     │   ├── WrongRegion                 bucket lives in another region
@@ -39,6 +43,7 @@ module imports no backend) are the whole mapping.
 
 from __future__ import annotations
 
+import pickle
 import socket
 from collections.abc import Callable, Iterator
 
@@ -46,8 +51,10 @@ __all__ = [
     "AccessDenied",
     "AuthError",
     "BucketNotFound",
+    "CheckpointNotFound",
     "ConfigError",
     "ConnectionDropped",
+    "CorruptCheckpoint",
     "CorruptShard",
     "CredentialsMissing",
     "CredentialsRejected",
@@ -64,10 +71,12 @@ __all__ = [
     "S3PipesError",
     "ServerError",
     "SignatureMismatch",
+    "StaleIndex",
     "StoreError",
     "StoreRequestError",
     "StoreTimeout",
     "UnknownAccessKey",
+    "WeightsOnlyRefused",
     "WrongRegion",
     "translate",
 ]
@@ -123,6 +132,18 @@ class DecodeError(DataError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.key, self.url, self.field, self.detail))
+
+
+class CorruptCheckpoint(DataError):
+    """A payload does not match its marker (size or sha256), or torch cannot read it."""
+
+
+class WeightsOnlyRefused(DataError, pickle.UnpicklingError):
+    """``torch.load(weights_only=True)`` refused an object in the checkpoint (it is not plain tensors/containers)."""
+
+
+class StaleIndex(DataError):
+    """A shard changed (size or ETag) after its index was written."""
 
 
 class ConfigError(S3PipesError, ValueError):
@@ -186,6 +207,33 @@ class ObjectNotFound(NotFound):
     """The bucket exists but the object (or version) does not."""
 
     default_hint = "Check the key; list the prefix with `s3pipes ls` to see what is there"
+
+
+class CheckpointNotFound(ObjectNotFound):
+    """The run has no committed checkpoint at this step (``step``), or none at all (``step`` is None).
+
+    Attributes:
+        step: the step asked for, or None for "the latest".
+        available: the committed steps there are, sorted.
+    """
+
+    def __init__(self, url: str, endpoint: str, step: int | None, available: list[int]) -> None:
+        self.step, self.available = step, list(available)
+        if step is None:
+            detail = "no committed checkpoint in this run"
+            hint = "Save one with save(state, step=...); objects saved with key= load with load(key=...)"
+        else:
+            older = f" (and {len(available) - 20} older)" if len(available) > 20 else ""
+            detail = f"step {step} has no committed checkpoint"
+            hint = (
+                f"Committed steps: {', '.join(map(str, available[-20:]))}{older}"
+                if available
+                else ("The run has no committed checkpoint yet")
+            )
+        super().__init__(url, endpoint, detail, hint)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.url, self.endpoint, self.step, self.available))
 
 
 class AuthError(StoreError, PermissionError):

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from s3pipes.errors import DataError, ObjectNotFound
+from s3pipes.errors import DataError, ObjectNotFound, StaleIndex
 from s3pipes.stages._tarparse import TarReader
 from s3pipes.stages.group import split_key
 from s3pipes.stages.open import ObjectStream
@@ -39,10 +39,6 @@ __all__ = [
 MANIFEST_NAME = "manifest.s3pipes.json"
 INDEX_NAME = "index.s3pipes.json"
 _VERSION = 1
-
-
-class StaleIndex(DataError):
-    """A shard changed (size or ETag) after its index was written."""
 
 
 def _join(prefix: str, name: str) -> str:

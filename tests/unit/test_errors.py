@@ -29,6 +29,10 @@ RAISED_DIRECTLY = {
     errors.CorruptShard,
     errors.DuplicateField,
     errors.DecodeError,
+    errors.StaleIndex,
+    errors.CheckpointNotFound,
+    errors.CorruptCheckpoint,
+    errors.WeightsOnlyRefused,
 }
 
 
