@@ -90,9 +90,7 @@ def _parser() -> argparse.ArgumentParser:
             "opens with one GET instead of a listing or a scan."
         ),
         epilog=(
-            "examples:\n"
-            "  s3pipes index s3://mnist/train/ --suffix .png\n"
-            "  s3pipes index s3://bucket/shards/ --shards"
+            "examples:\n  s3pipes index s3://mnist/train/ --suffix .png\n  s3pipes index s3://bucket/shards/ --shards"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
