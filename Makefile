@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(PY) -m s3pipes.demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check s3pipes tests
+	$(VENV)/bin/ruff check s3pipes tests benchmarks
+	$(VENV)/bin/ruff format --check s3pipes tests benchmarks
 	$(VENV)/bin/mypy
 	AWS_EC2_METADATA_DISABLED=true $(PY) -m pytest
 
