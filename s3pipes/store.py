@@ -38,13 +38,16 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.core import split_protocol
 
 from s3pipes import errors
+
+if TYPE_CHECKING:
+    from s3pipes._fastget import FastGetter
 
 __all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_READ_TIMEOUT", "Store", "StoreFile", "load_env"]
 
@@ -196,7 +199,8 @@ class Store:
         # and nothing of the environment but these settings is kept (or pickled to workers).
         self._s3 = _s3_options(self._explicit, _env or {}, self._timeouts)
         self._filesystems: dict[str, fsspec.AbstractFileSystem] = {}
-        self._inherited: list[fsspec.AbstractFileSystem] = []
+        self._inherited: list[Any] = []
+        self._getter: FastGetter | None = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
 
@@ -305,8 +309,8 @@ class Store:
         next request then hung for read_timeout).
         """
         self._lock = threading.Lock()
-        self._inherited.extend(self._filesystems.values())
-        self._filesystems, self._pid = {}, os.getpid()
+        self._inherited.extend([*self._filesystems.values(), self._getter])
+        self._filesystems, self._getter, self._pid = {}, None, os.getpid()
 
     def _check_reachable(self, url: str, endpoint: str) -> None:
         """Fail in at most ``connect_timeout`` when nothing listens at a custom endpoint.
@@ -451,6 +455,10 @@ class Store:
         paths = [self.resolve(url)[1] for url in urls]
         starts_ = list(starts) if starts is not None else [None] * len(urls)
         ends_ = list(ends) if ends is not None else [None] * len(urls)
+        getter = self._fast_getter(urls[0])
+        if getter is not None:
+            ranges = [(*path.split("/", 1), start, end) for path, start, end in zip(paths, starts_, ends_, strict=True)]
+            return self._raise_first(urls, getter.fetch(ranges, concurrency=concurrency))  # type: ignore[arg-type]
         options: dict[str, Any] = {"batch_size": concurrency} if getattr(fs, "async_impl", False) else {}
         if self._protocol(urls[0]) in _S3_PROTOCOLS:
             # One GET per object: with max_concurrency > 1, s3fs first HEADs every whole-object
@@ -458,11 +466,32 @@ class Store:
             options["max_concurrency"] = 1
         with self.errors(urls[0]):
             results = fs.cat_ranges(paths, starts_, ends_, on_error="return", **options)
+        return self._raise_first(urls, results)
+
+    def _raise_first(self, urls: Sequence[str], results: Sequence[Any]) -> list[bytes]:
         for url, result in zip(urls, results, strict=True):
             if isinstance(result, BaseException):
                 with self.errors(url):
                     raise result
         return [bytes(result) for result in results]
+
+    def _fast_getter(self, url: str) -> FastGetter | None:
+        """The low-CPU GET path (see :mod:`s3pipes._fastget`), where it applies, once per process."""
+        s3 = self._s3
+        path_style = s3["config_kwargs"].get("s3", {}).get("addressing_style") == "path"
+        if not (self._protocol(url) in _S3_PROTOCOLS and s3.get("endpoint_url") and path_style):
+            return None
+        if not (s3.get("key") and s3.get("secret")) or self._pid != os.getpid():
+            return None
+        if self._getter is None:
+            from botocore.credentials import Credentials
+
+            from s3pipes._fastget import FastGetter
+
+            credentials = Credentials(s3["key"], s3["secret"], s3.get("token"))
+            region = s3["client_kwargs"].get("region_name", "us-east-1")
+            self._getter = FastGetter(str(s3["endpoint_url"]), credentials, region, timeouts=self._timeouts)
+        return self._getter
 
     def write_bytes(self, url: str, data: bytes) -> None:
         """Write ``data`` as the whole object at ``url``."""
@@ -544,7 +573,7 @@ class Store:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_filesystems"], state["_inherited"], state["_lock"] = {}, [], None
+        state["_filesystems"], state["_inherited"], state["_lock"], state["_getter"] = {}, [], None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -158,3 +158,28 @@ def test_secret_never_printed(s3_server: LocalS3Server, s3_root: str, caplog: py
     assert len(caplog.text) > 1000, "DEBUG logging was captured"
     for text in seen:
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("options", "url_of", "error"),
+    [
+        ({}, lambda root: "s3://no-such-bucket-batch/k.png", s3pipes.BucketNotFound),
+        ({}, lambda root: f"{root}/missing.png", s3pipes.ObjectNotFound),
+        ({"secret": "not-the-secret"}, lambda root: f"{root}/present.png", s3pipes.SignatureMismatch),
+        ({"key": "AKIDONTKNOWYOU"}, lambda root: f"{root}/present.png", s3pipes.UnknownAccessKey),
+    ],
+    ids=["missing-bucket", "missing-object", "bad-secret", "unknown-key"],
+)
+def test_batched_reads_name_the_failing_object(
+    s3_server: LocalS3Server,
+    s3_store: Store,
+    s3_root: str,
+    options: dict[str, str],
+    url_of: Callable[[str], str],
+    error: type,
+) -> None:
+    """read_ranges (MapDataset batches) takes its own low-CPU GET path: same errors, same names."""
+    s3_store.write_bytes(f"{s3_root}/present.png", b"x")
+    store = Store({**s3_server.storage_options, **options})
+    url = url_of(s3_root)
+    expect(error, s3pipes.StoreError, lambda: store.read_ranges([f"{s3_root}/present.png", url]), url)
