@@ -9,6 +9,7 @@ worker a disjoint set of shards.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic
@@ -18,12 +19,14 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict, T, U
+from s3pipes.checkpoint import CheckpointStore
 from s3pipes.errors import ObjectNotFound
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
 from s3pipes.stages.parallel import ParallelMap
 from s3pipes.stages.shards import Consumer, ShardPlan, Shards
 from s3pipes.stages.shuffle import ShuffleBuffer
+from s3pipes.stages.sink import CheckpointSink
 from s3pipes.stages.tar import Untar
 from s3pipes.stages.transform import Batch, Filter, Map
 from s3pipes.store import Store
@@ -80,6 +83,8 @@ class Pipe(IterableDataset[T], Generic[T]):
     # -- stages ----------------------------------------------------------------------------
 
     def _then(self, cls: type, **kwargs: Any) -> Pipe[Any]:
+        if self._steps and self._steps[-1][0] is CheckpointSink:
+            raise ValueError(f"checkpoint() must be the last stage: add .{_method_name(cls)}() before it")
         return Pipe(self._plan, self._store, (*self._steps, (cls, kwargs)), epoch=self._epoch)
 
     def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Pipe[Any]:
@@ -128,6 +133,17 @@ class Pipe(IterableDataset[T], Generic[T]):
         """Group ``batch_size`` items and collate them (``collate=None`` gives lists)."""
         return self._then(Batch, batch_size=batch_size, collate=collate, drop_last=drop_last)
 
+    def checkpoint(
+        self, store: CheckpointStore, *, every: int, state: Callable[[], Mapping[str, Any]] | None = None
+    ) -> Pipe[T]:
+        """Pass-through last stage: save ``state()`` and this pipe's position every ``every`` items and at epoch end.
+
+        Each save is ``store.save({**state(), "data": <this pipe's state_dict()>}, step=<items so far>)``; resume
+        with ``pipe.load_state_dict(store.load()["data"])``. It saves from the iterating process, never from a
+        DataLoader worker (use ``num_workers=0``). :class:`~s3pipes.stages.sink.CheckpointSink` has the details.
+        """
+        return self._then(CheckpointSink, store=store, every=every, state=state)
+
     # -- epochs and state ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
@@ -169,6 +185,10 @@ class Pipe(IterableDataset[T], Generic[T]):
                 node = OpenObject(node, self._store, **kwargs)
             elif cls is ShuffleBuffer:
                 node = ShuffleBuffer(node, **kwargs, epoch=self._epoch, stream=consumer.index)
+            elif cls is CheckpointSink:  # saves the pipe-level state; its step goes on from the last pass
+                last = self._live.state_dict()["node"] if self._live is not None else None
+                wrap = functools.partial(self._wrap, consumer=consumer)
+                node = CheckpointSink(node, **kwargs, wrap=wrap, start=CheckpointSink.step_of(last))
             else:
                 node = cls(node, **kwargs)
         return node
@@ -201,6 +221,7 @@ _METHOD_NAMES: dict[type, str] = {
     GroupByKey: "group_by_key",
     ShuffleBuffer: "shuffle",
     ParallelMap: "map",
+    CheckpointSink: "checkpoint",
 }
 
 

@@ -1,0 +1,141 @@
+"""CheckpointSink / Pipe.checkpoint on file:// shards and a memory:// run: when it saves, what, and exact resume."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch.utils.data import DataLoader
+from torchdata.nodes import IterableWrapper
+
+import s3pipes as sp
+from s3pipes import Store
+from s3pipes.checkpoint import CheckpointStore
+from s3pipes.errors import ConfigError
+from s3pipes.stages.sink import CheckpointSink
+from tests.contract import assert_resumes
+from tests.unit.test_pipe import PER_SHARD, SHARDS, write_shards
+
+ITEMS = SHARDS * PER_SHARD  # 35 per epoch
+EVERY = 10
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> str:
+    root = f"file://{tmp_path}/shards"  # file://, not memory:// (see test_pipe.shards)
+    write_shards(root)
+    return root
+
+
+def ckpt_store(mem_root: str, name: str = "run") -> CheckpointStore:
+    return CheckpointStore(f"{mem_root}/{name}", store=Store())
+
+
+def key_pipe(shards: str, ckpt: CheckpointStore, state: Callable[[], dict[str, Any]] | None = None) -> sp.Pipe[str]:
+    """Shuffled shards, a seeded shuffle buffer (its contents are in the state), keys out."""
+    pipe = sp.webdataset(f"{shards}/", shuffle_seed=1).map(lambda s: s["__key__"]).shuffle(8, seed=3)
+    return pipe.checkpoint(ckpt, every=EVERY, state=state)
+
+
+def train(pipe: sp.Pipe[str], epochs: range, seen: list[str]) -> None:
+    for epoch in epochs:
+        pipe.set_epoch(epoch)
+        for key in pipe:
+            seen.append(key)
+
+
+def test_saves_every_n_items_and_at_epoch_end_with_steps_counted_across_epochs(shards: str, mem_root: str) -> None:
+    ckpt = ckpt_store(mem_root)
+    seen: list[str] = []
+    positions: dict[int, dict[str, Any]] = {}
+    pipe = key_pipe(shards, ckpt, state=lambda: {"trained": len(seen)})
+    for epoch in range(2):
+        pipe.set_epoch(epoch)
+        for key in pipe:
+            seen.append(key)  # "training" on the item; the save for it comes at the next request
+            positions[len(seen)] = json.loads(json.dumps(pipe.state_dict()))
+    assert len(seen) == 2 * ITEMS
+    assert ckpt.steps() == [10, 20, 30, 35, 40, 50, 60, 70]
+    for step in ckpt.steps():
+        saved = ckpt.load(step=step)
+        assert saved["trained"] == step, "the save came before the loop finished with the item"
+        assert saved["data"] == positions[step], f"step {step}: not the position right after item {step}"
+        assert saved["data"]["node"][CheckpointSink.STEP_KEY] == step
+    assert ckpt.load(step=35)["data"]["epoch"] == 0 and ckpt.load(step=40)["data"]["epoch"] == 1
+
+
+def test_every_saved_position_resumes_exactly_the_rest_and_the_same_saves(shards: str, mem_root: str) -> None:
+    first = ckpt_store(mem_root, "first")
+    everything: list[str] = []
+    train(key_pipe(shards, first), range(2), everything)
+    assert sorted(everything[:ITEMS]) == sorted(everything[ITEMS:]) and everything[:ITEMS] != everything[ITEMS:]
+    for step in first.steps():
+        data = first.load(step=step)["data"]
+        again = ckpt_store(mem_root, f"again-{step}")
+        resumed = key_pipe(shards, again)
+        resumed.load_state_dict(data)
+        rest: list[str] = []
+        train(resumed, range(data["epoch"], 2), rest)
+        assert rest == everything[step:], f"resume from step {step}"
+        later = [s for s in first.steps() if s > step]
+        assert again.steps() == later, f"resume from step {step} saved other steps"
+        for s in later:
+            assert again.load(step=s)["data"] == first.load(step=s)["data"]
+
+
+def test_the_pipe_state_resumes_after_every_item(shards: str, mem_root: str) -> None:
+    ckpt = ckpt_store(mem_root)
+    assert_resumes(lambda: key_pipe(shards, ckpt))
+
+
+def test_counts_batches_after_batch_and_saves_through_a_main_process_dataloader(shards: str, mem_root: str) -> None:
+    ckpt = ckpt_store(mem_root)
+    pipe = sp.webdataset(f"{shards}/").map(lambda s: s["__key__"]).batch(4, collate=None).checkpoint(ckpt, every=3)
+    batches = list(DataLoader(pipe, batch_size=None, num_workers=0))
+    assert len(batches) == 9 and ckpt.steps() == [3, 6, 9]
+    resumed = sp.webdataset(f"{shards}/").map(lambda s: s["__key__"]).batch(4, collate=None)
+    resumed = resumed.checkpoint(ckpt_store(mem_root, "other"), every=3)
+    resumed.load_state_dict(ckpt.load(step=6)["data"])
+    assert list(resumed) == batches[6:]
+
+
+def test_no_save_without_new_items(mem_root: str) -> None:
+    ckpt = ckpt_store(mem_root)
+    sink = CheckpointSink(IterableWrapper(range(4)), ckpt, every=2)
+    assert list(sink) == [0, 1, 2, 3] and ckpt.steps() == [2, 4]  # the epoch end is step 4: one save
+    with pytest.raises(StopIteration):
+        next(sink)
+    sink.reset(sink.state_dict())
+    assert list(sink) == [] and ckpt.steps() == [2, 4]
+
+
+def test_must_be_the_last_stage(shards: str, mem_root: str) -> None:
+    pipe = sp.webdataset(f"{shards}/").checkpoint(ckpt_store(mem_root), every=5)
+    with pytest.raises(ValueError, match=r"checkpoint\(\) must be the last stage: add \.map\(\) before it"):
+        pipe.map(len)
+    with pytest.raises(ValueError, match=r"batch\(\) before it"):
+        pipe.batch(2)
+    assert "  .checkpoint(store=CheckpointStore(" in repr(pipe)
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.0, True])
+def test_every_must_be_a_positive_int(mem_root: str, every: Any) -> None:
+    with pytest.raises(ValueError, match=r"every=.* must be a positive int"):
+        CheckpointSink(IterableWrapper(range(3)), ckpt_store(mem_root), every=every)
+
+
+def test_state_may_not_claim_the_data_key(mem_root: str) -> None:
+    sink = CheckpointSink(IterableWrapper(range(3)), ckpt_store(mem_root), every=1, state=lambda: {"data": 1})
+    next(sink)
+    with pytest.raises(ValueError, match="'data' key"):
+        next(sink)
+
+
+def test_refuses_to_run_in_a_dataloader_worker(shards: str, mem_root: str) -> None:
+    pipe = sp.webdataset(f"{shards}/").checkpoint(ckpt_store(mem_root), every=5)
+    loader = DataLoader(pipe, batch_size=None, num_workers=1, multiprocessing_context="fork")
+    with pytest.raises(ConfigError, match=r"DataLoader worker.*num_workers=0"):
+        next(iter(loader))
