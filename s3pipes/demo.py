@@ -75,13 +75,15 @@ def main() -> None:
         )
 
         model = torch.nn.Linear(SIZE * SIZE * 3, 10)
-        state = {"model": model.state_dict(), "step": 1}
-        with store.open("s3://checkpoints/demo/run-1/step-1.pt", "wb") as f:
-            torch.save(state, f)
-        with store.open("s3://checkpoints/demo/run-1/step-1.pt") as f:
-            loaded = torch.load(f, weights_only=True)
+        checkpoints = sp.CheckpointStore("s3://checkpoints/demo/run-1", keep_last=2, store=store)
+        for step in (1, 2, 3):
+            checkpoints.save({"model": model.state_dict(), "step": step}, step=step)
+        loaded = checkpoints.load()
         same = all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
-        print(f"4. saved and loaded a checkpoint at s3://checkpoints/demo/run-1/step-1.pt: weights identical = {same}")
+        print(
+            f"4. saved checkpoints at steps 1-3 under s3://checkpoints/demo/run-1 (kept {checkpoints.steps()}),"
+            f" loaded step {loaded['step']}: weights identical = {same}"
+        )
         if not (count == SHARDS * PER_SHARD and same):
             raise SystemExit("demo failed: data or checkpoint did not round-trip")
     print(f"5. stopped the server and removed its data ({time.perf_counter() - started:.1f} s in all)")
