@@ -1,4 +1,4 @@
-"""A GET-only S3 path for batches of small objects: botocore's SigV4 signing, aiohttp's HTTP.
+"""A GET-only S3 path (objects, ranges, listings) for small-object workloads: botocore's SigV4 signing, aiohttp's HTTP.
 
 Why: benchmarks/mapstyle.py measured aiobotocore (under s3fs) at ~1.2 ms of client CPU
 per GET (event hooks, user-agent building, endpoint rules, response parsing), which
@@ -20,7 +20,8 @@ import re
 import weakref
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
+from xml.etree import ElementTree
 
 import aiohttp
 import fsspec.asyn
@@ -35,6 +36,7 @@ _RETRY_STATUS = {500, 502, 503, 504}
 _ATTEMPTS = 3
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 Range = tuple[str, str, int | None, int | None]  # bucket, key, start, end (exclusive)
 
@@ -70,15 +72,59 @@ class FastGetter:
         headers = (
             {} if start is None and end is None else {"Range": f"bytes={start or 0}-{'' if end is None else end - 1}"}
         )
+        async with gate:
+            return await self._request(url, headers)
+
+    def list_objects(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+        """``{"bucket/key": info}`` of every object under ``prefix``, sub-prefixes listed concurrently."""
+        loop = fsspec.asyn.get_loop()
+        return dict(fsspec.asyn.sync(loop, self._list_all, bucket, prefix))
+
+    async def _list_all(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+        if self._session is None:
+            await self._fetch_all([], 8)  # builds the session on this loop
+        found, subprefixes = await self._list(bucket, prefix, delimiter="/")
+        for part in await asyncio.gather(*(self._list(bucket, sub, delimiter="") for sub in subprefixes)):
+            found.update(part[0])
+        return found
+
+    async def _list(self, bucket: str, prefix: str, *, delimiter: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """One prefix, all pages: ``({"bucket/key": info}, [common prefixes])``."""
+        found: dict[str, dict[str, Any]] = {}
+        subprefixes: list[str] = []
+        token: str | None = None
+        while True:
+            query = {"list-type": "2", "prefix": prefix, "max-keys": "1000"}
+            if delimiter:
+                query["delimiter"] = delimiter
+            if token:
+                query["continuation-token"] = token
+            body = await self._request(f"{self._endpoint}/{bucket}?{urlencode(sorted(query.items()), quote_via=quote)}")
+            root = ElementTree.fromstring(body)
+            for item in root.iterfind(f"{_NS}Contents"):
+                key = item.findtext(f"{_NS}Key", "")
+                found[f"{bucket}/{key}"] = {
+                    "name": f"{bucket}/{key}",
+                    "size": int(item.findtext(f"{_NS}Size", "0")),
+                    "ETag": item.findtext(f"{_NS}ETag", ""),
+                    "LastModified": item.findtext(f"{_NS}LastModified", ""),
+                    "type": "file",
+                }
+            subprefixes += [p.findtext(f"{_NS}Prefix", "") for p in root.iterfind(f"{_NS}CommonPrefixes")]
+            token = root.findtext(f"{_NS}NextContinuationToken")
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
+                return found, subprefixes
+
+    async def _request(self, url: str, headers: dict[str, str] | None = None) -> bytes:
+        """A signed GET with retries on 5xx and dropped connections; the body, or a ClientError."""
         for attempt in range(1, _ATTEMPTS + 1):
-            request = AWSRequest(method="GET", url=url, headers=headers)
+            request = AWSRequest(method="GET", url=url, headers=dict(headers or {}))
             self._auth.add_auth(request)  # signs now: a retry gets a fresh date
             try:
-                async with gate:
-                    assert self._session is not None
-                    async with self._session.get(url, headers=dict(request.headers.items())) as response:
-                        body = await response.read()
-                        status = response.status
+                assert self._session is not None
+                async with self._session.get(url, headers=dict(request.headers.items())) as response:
+                    body = await response.read()
+                    status = response.status
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
                 if attempt == _ATTEMPTS:
                     raise

@@ -530,11 +530,16 @@ class Store:
 
         On S3, a prefix with several "subdirectories" (common prefixes) is listed one
         subdirectory per request stream, concurrently: listing pages are sequential
-        within a prefix, so this divides the wall time by up to their number.
+        within a prefix, so this divides the wall time by up to their number. From a
+        path-style endpoint the pages go through the low-CPU path of :mod:`s3pipes._fastget`.
         """
         fs, path = self.resolve(prefix)
+        getter = self._fast_getter(prefix)
         with self.errors(prefix):
-            if self._protocol(prefix) in _S3_PROTOCOLS:
+            if getter is not None:
+                bucket, _, key = path.partition("/")
+                found = getter.list_objects(bucket, key.rstrip("/") + "/" if key else "")
+            elif self._protocol(prefix) in _S3_PROTOCOLS:
                 found = self._find_s3(fs, path)
             else:
                 found = fs.find(path, detail=True)
