@@ -80,3 +80,15 @@ def test_reads_after_a_listing_see_objects_changed_since(s3_server: object, s3_s
     assert s3_store.read_bytes(f"{s3_root}/a.bin") == b"a longer replacement"
     assert s3_store.info(f"{s3_root}/a.bin")["size"] == 20
     assert s3_store.exists(f"{s3_root}/b.bin")
+
+
+def test_listing_pages_and_subprefixes_are_complete(s3_server: object, s3_store: Store, s3_root: str) -> None:
+    """More than one listing page (1000 keys) in a sub-prefix, several sub-prefixes, files at the top."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"a/{i:05d}.bin" for i in range(1100)] + [f"b/c/{i}.bin" for i in range(5)] + ["top.bin", "z.txt"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: s3_store.write_bytes(f"{s3_root}/{name}", b"x"), names))
+    listed = s3_store.list_info(f"{s3_root}/", suffix=".bin")
+    assert list(listed) == sorted(f"{s3_root}/{name}" for name in names if name.endswith(".bin"))
+    assert all(info["size"] == 1 and info["ETag"] for info in listed.values())
