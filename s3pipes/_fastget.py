@@ -58,12 +58,16 @@ class FastGetter:
         loop = fsspec.asyn.get_loop()
         return list(fsspec.asyn.sync(loop, self._fetch_all, ranges, concurrency))
 
-    async def _fetch_all(self, ranges: Sequence[Range], concurrency: int) -> list[bytes | BaseException]:
+    def _ensure_session(self, connections: int) -> None:
+        """Build the session on the running loop, once (its finalizer closes it on that loop)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=max(concurrency, 8)), timeout=self._timeout
+                connector=aiohttp.TCPConnector(limit=max(connections, 8)), timeout=self._timeout
             )
             weakref.finalize(self, _close, self._session, asyncio.get_running_loop())
+
+    async def _fetch_all(self, ranges: Sequence[Range], concurrency: int) -> list[bytes | BaseException]:
+        self._ensure_session(concurrency)
         gate = asyncio.Semaphore(concurrency)
         return await asyncio.gather(*(self._get(gate, *item) for item in ranges), return_exceptions=True)
 
@@ -81,8 +85,7 @@ class FastGetter:
         return dict(fsspec.asyn.sync(loop, self._list_all, bucket, prefix))
 
     async def _list_all(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        if self._session is None:
-            await self._fetch_all([], 8)  # builds the session on this loop
+        self._ensure_session(16)
         found, subprefixes = await self._list(bucket, prefix, delimiter="/")
         for part in await asyncio.gather(*(self._list(bucket, sub, delimiter="") for sub in subprefixes)):
             found.update(part[0])
