@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from s3pipes._types import Sample
 from s3pipes.index import ShardIndex, build_shard_index, read_manifest
 from s3pipes.stages._tarparse import TarReader
-from s3pipes.stages.group import split_key
+from s3pipes.stages.group import add_field, split_key
 from s3pipes.store import Store
 
 __all__ = ["DEFAULT_CONCURRENCY", "MapDataset", "ObjectReader"]
@@ -205,5 +205,5 @@ def _parse_sample(url: str, key: str, start: int, data: bytes) -> Sample:
     while (member := reader.next()) is not None:
         parts = split_key(member.name)
         if parts is not None:
-            sample[parts[1]] = member.data
+            add_field(sample, parts[1], member.data, member=member.name, offset=member.offset)
     return sample

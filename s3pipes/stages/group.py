@@ -15,7 +15,7 @@ from s3pipes.errors import DuplicateField
 from s3pipes.stages.base import SOURCE_KEY, Stage
 from s3pipes.stages.tar import TarMember
 
-__all__ = ["GroupByKey", "split_key"]
+__all__ = ["GroupByKey", "add_field", "split_key"]
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -30,6 +30,22 @@ def split_key(name: str) -> tuple[str, str] | None:
     if not dot or not stem:
         return None
     return directory + slash + stem, field.lower()
+
+
+def add_field(sample: Sample, field: str, data: bytes, *, member: str, offset: int) -> None:
+    """Put one member's bytes into its sample; a field seen twice in one sample is an error.
+
+    Raises:
+        DuplicateField: names the shard (``sample["__url__"]``), the member and its offset.
+    """
+    if field in sample:
+        raise DuplicateField(
+            sample["__url__"],
+            f"field {field!r} appears twice in sample {sample['__key__']!r}",
+            member=member,
+            offset=offset,
+        )
+    sample[field] = data
 
 
 class GroupByKey(Stage[Sample]):
@@ -77,14 +93,7 @@ class GroupByKey(Stage[Sample]):
             if next_key != key or member.url != sample["__url__"]:
                 self._pending = following
                 return sample
-            if field in sample:
-                raise DuplicateField(
-                    member.url,
-                    f"field {field!r} appears twice in sample {key!r}",
-                    member=member.name,
-                    offset=member.offset,
-                )
-            sample[field] = member.data
+            add_field(sample, field, member.data, member=member.name, offset=member.offset)
 
     def get_state(self) -> StateDict:
         if self._pending is not None:

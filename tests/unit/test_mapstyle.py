@@ -152,3 +152,19 @@ def test_decoded_shard_samples(shards: str) -> None:
     sample = ds[4]
     assert isinstance(sample["png"], torch.Tensor) and sample["png"].shape == (3, 4, 4)
     assert sample["cls"] == 4 % 3
+
+
+def test_a_repeated_field_is_an_error_as_in_streaming(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    url = f"file://{tmp_path}/dup/shard.tar"
+    with Store().open(url, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+        for name in ("k0.txt", "k1.txt", "k1.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+    ds = MapDataset.from_shards(f"file://{tmp_path}/dup/")
+    assert ds[0]["txt"] == b"hi"
+    with pytest.raises(sp.DuplicateField, match=r"shard\.tar, member 'k1\.txt'"):
+        ds[1]
