@@ -46,10 +46,6 @@ class Member:
     next_offset: int
 
 
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
 def _number(field: bytes, offset: int) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
         return int.from_bytes(field[1:], "big")
