@@ -4,7 +4,7 @@ The public surface is what ``__all__`` lists; everything else is private.
 Importing s3pipes reads no environment variable and opens no connection.
 """
 
-from s3pipes.checkpoint import CheckpointStore
+from s3pipes.checkpoint import CheckpointStore, CheckpointWatcher, SyncResult, sync_checkpoints, watch_checkpoints
 from s3pipes.decode import Decoder
 from s3pipes.errors import (
     AccessDenied,
@@ -50,6 +50,7 @@ __all__ = [
     "BucketNotFound",
     "CheckpointNotFound",
     "CheckpointStore",
+    "CheckpointWatcher",
     "ConfigError",
     "ConnectionDropped",
     "CorruptCheckpoint",
@@ -78,11 +79,14 @@ __all__ = [
     "StoreError",
     "StoreRequestError",
     "StoreTimeout",
+    "SyncResult",
     "UnknownAccessKey",
     "WeightsOnlyRefused",
     "WrongRegion",
     "from_urls",
     "list_prefix",
     "load_env",
+    "sync_checkpoints",
+    "watch_checkpoints",
     "webdataset",
 ]
