@@ -7,6 +7,16 @@ Layout under a run prefix such as ``s3://ckpts/project/experiment/run``::
     <run>/latest.json                      pointer to the step saved last, written after its marker
     <run>/<name>                           anything else: writer(name) / reader(name) / save(key=name)
 
+A step saved with ``save_sharded`` (torch.distributed.checkpoint, every rank writing its
+share; see :mod:`.sharded`) holds DCP's files instead of ``state.pt``::
+
+    <run>/step-000000124/dcp/__0_0.distcp  one file per rank (DCP's names), then dcp/.metadata (DCP's index)
+    <run>/step-000000124/COMMITTED.json    marker, written LAST by rank 0: "kind": "dcp", "files": {name: size}
+
+``steps()``, ``latest_step()``, ``load()`` and retention treat both kinds alike (``keep_last``
+counts them together); ``load(step)`` of a sharded step assembles the whole state in one
+process, ``load_sharded`` loads it in place on every rank.
+
 A step is *committed* once its marker exists. ``save`` publishes the payload (an object
 appears whole or not at all), then the marker, then ``latest.json``, then applies
 retention; a process killed at any moment leaves at most an uncommitted step (a payload
@@ -35,7 +45,7 @@ Errors (in the :mod:`s3pipes.errors` tree)::
     ObjectNotFound(FileNotFoundError)
     └── CheckpointNotFound      no such committed step, or none at all (lists the ones there are)
     DataError(ValueError)
-    ├── CorruptCheckpoint       payload does not match its marker, or is not a torch.save file
+    ├── CorruptCheckpoint       payload (or a DCP file) does not match its marker, or is unreadable
     └── WeightsOnlyRefused      torch.load(weights_only=True) refused an object (also UnpicklingError)
 """
 
@@ -52,21 +62,25 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 from fsspec.core import split_protocol
 from torch.serialization import MAP_LOCATION
 
 from s3pipes import errors
+from s3pipes.checkpoint import sharded
+from s3pipes.checkpoint.transfer import open_download, open_upload
 from s3pipes.errors import CheckpointNotFound, CorruptCheckpoint, WeightsOnlyRefused
 from s3pipes.store import Store
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = ["CheckpointNotFound", "CheckpointStore", "CorruptCheckpoint", "ObjectVersion", "WeightsOnlyRefused"]
 
 _FORMAT = "s3pipes.checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
-_PART_SIZE = 8 << 20  # multipart part size for payloads: a 256 MiB state is 32 parts, never one 256 MiB buffer
 _S3_PROTOCOLS = ("s3", "s3a")
 _log = logging.getLogger(__name__)
 
@@ -127,24 +141,39 @@ def _check_step(step: int) -> int:
     return step
 
 
-def _torch_load(data: bytes, url: str, map_location: MAP_LOCATION, weights_only: bool) -> Any:
-    """``torch.load`` of ``data``, with its failures named after ``url``."""
+def _torch_load(
+    data: bytes | IO[bytes] | io.RawIOBase, url: str, map_location: MAP_LOCATION, weights_only: bool
+) -> Any:
+    """``torch.load`` of ``data`` (bytes or a seekable file), with its failures named after ``url``."""
+    file = io.BytesIO(data) if isinstance(data, bytes) else cast(IO[bytes], data)  # torch reads any binary file
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
+        return torch.load(file, map_location=map_location, weights_only=weights_only)
+    except Exception as exc:
+        failed = getattr(file, "error", None)  # a ParallelReader's store error, which torch wraps
+        if failed is not None:
+            raise failed from None
+        named = _load_error(exc, url, weights_only)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+def _load_error(exc: Exception, url: str, weights_only: bool) -> Exception:
+    """Why ``torch.load`` failed on ``url``: a refused object, a damaged file, or ``exc`` itself (neither)."""
+    if isinstance(exc, pickle.UnpicklingError):
         if weights_only and "weights only" in str(exc).lower():
             reason = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip()
-            raise WeightsOnlyRefused(
+            return WeightsOnlyRefused(
                 url,
                 f"torch.load(weights_only=True) refused an object in it ({reason or 'see the cause'}). "
                 "If you trust the file, "
                 "load it with weights_only=False, or allow the type with torch.serialization.add_safe_globals",
-            ) from exc
-        raise CorruptCheckpoint(url, f"not a readable torch.save file: {exc}") from exc
-    except (EOFError, RuntimeError, ValueError) as exc:
-        if isinstance(exc, RuntimeError) and "zip archive" not in str(exc) and "PytorchStreamReader" not in str(exc):
-            raise  # e.g. a map_location that names a device this machine lacks: not the file's fault
-        raise CorruptCheckpoint(url, f"not a readable torch.save file ({type(exc).__name__}: {exc})") from exc
+            )
+        return CorruptCheckpoint(url, f"not a readable torch.save file: {exc}")
+    about_the_file = not isinstance(exc, RuntimeError) or "zip archive" in str(exc) or "PytorchStreamReader" in str(exc)
+    if isinstance(exc, (EOFError, RuntimeError, ValueError)) and about_the_file:
+        return CorruptCheckpoint(url, f"not a readable torch.save file ({type(exc).__name__}: {exc})")
+    return exc  # e.g. a map_location that names a device this machine lacks: not the file's fault
 
 
 class CheckpointStore:
@@ -247,16 +276,21 @@ class CheckpointStore:
             "created": time.time(),
             "torch": torch.__version__,
         }
+        self._commit(step, marker)
+        return payload_url
+
+    def _commit(self, step: int, marker: dict[str, Any]) -> None:
+        """Write the marker of ``step`` (its payload is complete), then the pointer, then apply retention."""
+        marker_url = f"{self.step_url(step)}/{self.MARKER_NAME}"
         self.store.write_bytes(marker_url, json.dumps(marker, indent=1).encode())
         latest = {"format": _FORMAT, "step": step, "marker": f"{self.STEP_FORMAT.format(step)}/{self.MARKER_NAME}"}
         self.store.write_bytes(f"{self.url}/{self.LATEST_NAME}", json.dumps(latest).encode())
         if self.keep_last is not None:
             self._retain(step)
-        return payload_url
 
     def _write_payload(self, url: str, state: object) -> tuple[int, str]:
         """``torch.save`` streamed to ``url``, published on success only; returns (size, sha256)."""
-        with self.store.open(url, "wb", block_size=_PART_SIZE) as file:
+        with open_upload(self.store, url) as file:
             writer = _HashingWriter(file)
             try:
                 torch.save(state, writer)  # type: ignore[arg-type]  # torch wants IO[bytes]; write/flush suffice
@@ -278,6 +312,151 @@ class CheckpointStore:
             for name in names:
                 with contextlib.suppress(errors.ObjectNotFound):
                     self.store.delete(f"{self.step_url(step)}/{name}")
+
+    # -- sharded steps (torch.distributed.checkpoint, see .sharded) -----------------------------
+
+    def save_sharded(self, state_dict: dict[str, Any], *, step: int) -> str:
+        """Save ``state_dict`` as ``step`` with ``torch.distributed.checkpoint``; every rank calls it.
+
+        Each rank writes its own share (the local shards of DTensors; a value every rank holds
+        alike is written once). Rank 0 (or the only process, without a process group) first
+        uncommits and clears an existing ``step``; after DCP, once every file DCP wrote is
+        listed, it writes the marker (``"kind": "dcp"``), then ``latest.json``, then applies
+        retention. No rank returns before the step is committed, and if any rank fails, every
+        rank raises.
+
+        Args:
+            state_dict: what ``dcp.save`` takes: nested dicts and lists of tensors, DTensors,
+                ``Stateful`` objects, and other picklable values.
+            step: the step number (an int >= 0).
+
+        Returns:
+            The URL of the step's DCP directory (``<run>/step-NNNNNNNNN/dcp``).
+
+        Raises:
+            StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...) on
+                any rank; nothing is committed then.
+            CorruptCheckpoint: a file DCP wrote is not listed whole afterwards; nothing is committed.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-sharded/run", store=Store())
+            >>> ckpt.save_sharded({"w": torch.ones(2), "epoch": 3}, step=7)
+            'memory://doc-sharded/run/step-000000007/dcp'
+            >>> state = {"w": torch.zeros(2), "epoch": 0}
+            >>> ckpt.load_sharded(state), state["w"].tolist(), state["epoch"]
+            (7, [1.0, 1.0], 3)
+        """
+        step_url = self.step_url(step)
+        sharded.on_coordinator(lambda: self._clear_step(step))
+        metadata = sharded.save(self.store, f"{step_url}/{sharded.PAYLOAD_DIR}", state_dict)
+        sharded.on_coordinator(lambda: self._commit_sharded(step, metadata))
+        return f"{step_url}/{sharded.PAYLOAD_DIR}"
+
+    def _clear_step(self, step: int) -> None:
+        """Uncommit ``step`` (its marker first), then delete the rest of it: a new save starts from nothing."""
+        step_url = self.step_url(step)
+        files = sharded.listed_files(self.store, step_url)  # one listing; a missing bucket fails here, early
+        for name in sorted(files, key=lambda name: name != self.MARKER_NAME):
+            with contextlib.suppress(errors.ObjectNotFound):
+                self.store.delete(f"{step_url}/{name}")
+
+    def _commit_sharded(self, step: int, metadata: Metadata) -> None:
+        files = sharded.written_files(self.store, self.step_url(step), metadata)
+        marker = {
+            "format": _FORMAT,
+            "kind": sharded.KIND,
+            "step": step,
+            "payload": sharded.PAYLOAD_DIR,
+            "files": files,
+            "size": sum(files.values()),
+            "ranks": sharded.world_size(),
+            "created": time.time(),
+            "torch": torch.__version__,
+        }
+        self._commit(step, marker)
+
+    def load_sharded(self, state_dict: dict[str, Any], *, step: int | None = None, weights_only: bool = True) -> int:
+        """Load a step saved by :meth:`save_sharded` into ``state_dict``, in place; every rank calls it.
+
+        Each rank reads what its own tensors need (a DTensor gets its local shards, resharded if
+        the ranks differ from the save's); other values replace those in ``state_dict``, as
+        ``dcp.load`` does. Rank 0 picks the step and checks its files against the marker.
+
+        Args:
+            state_dict: the structure to fill, as ``dcp.load`` takes it (the keys that were saved).
+            step: a committed sharded step; None for the latest: the pointer's step if it is
+                sharded, else the highest committed sharded step (an older one if it fails its check).
+            weights_only: as for :meth:`load`; it covers DCP's metadata and non-tensor values too.
+
+        Returns:
+            The step loaded (the same on every rank).
+
+        Raises:
+            CheckpointNotFound: ``step`` is not committed (the message lists the sharded steps
+                there are), or the run has no committed sharded step.
+            ConfigError: ``step`` was saved with :meth:`save`: load it with ``load(step)``.
+            CorruptCheckpoint: a file of the step is missing or does not match its marker.
+            WeightsOnlyRefused: the step holds objects ``weights_only=True`` does not allow.
+            StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...).
+        """
+        if step is not None:
+            _check_step(step)
+        chosen, metadata = sharded.on_coordinator(lambda: self._sharded_source(step, weights_only))
+        check = (lambda data, url: _torch_load(data, url, None, True)) if weights_only else None
+        payload_url = f"{self.step_url(chosen)}/{sharded.PAYLOAD_DIR}"
+        sharded.load_into(self.store, payload_url, state_dict, metadata, check_value=check)
+        return chosen
+
+    def _sharded_source(self, step: int | None, weights_only: bool) -> tuple[int, Metadata]:
+        """On rank 0: the sharded step to load, and its DCP metadata once its files match the marker."""
+        if step is not None:
+            marker = self._read_marker(step)
+            if marker is None:
+                available = sorted(s for s, m in self._committed().items() if m.get("kind") == sharded.KIND)
+                raise CheckpointNotFound(self.step_url(step), self.store.endpoint(self.url), step, available)
+            if marker.get("kind") != sharded.KIND:
+                raise errors.ConfigError(
+                    f"{self.step_url(step)}: step {step} was saved with save() (one torch.save payload), "
+                    f"not save_sharded(): load it with load(step={step})"
+                )
+            return step, sharded.open_step(self.store, self.step_url(step), marker, weights_only=weights_only)
+        candidates = {s: m for s, m in self._committed().items() if m.get("kind") == sharded.KIND}
+        pointed = self._read_latest()
+        failure: CorruptCheckpoint | None = None
+        for candidate in sorted(candidates, key=lambda s: (s == pointed, s), reverse=True):
+            try:
+                return candidate, sharded.open_step(
+                    self.store, self.step_url(candidate), candidates[candidate], weights_only=weights_only
+                )
+            except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
+                _log.warning("%s: falling back to an older step: %s", self.url, exc)
+                failure = exc if isinstance(exc, CorruptCheckpoint) else failure
+        if failure is not None:
+            raise failure
+        raise CheckpointNotFound(self.url, self.store.endpoint(self.url), None, [])
+
+    def _load_committed(self, step: int, marker: dict[str, Any], map_location: MAP_LOCATION, weights_only: bool) -> Any:
+        """The state of a committed step: a sharded one assembled whole here, else its torch.save payload."""
+        if marker.get("kind") != sharded.KIND:
+            return self._load_step(step, marker, map_location, weights_only)
+        if map_location is not None and not isinstance(map_location, (str, torch.device)):
+            raise ValueError(f"{map_location=}: step {step} is sharded and loads to one device; pass it or its name")
+        step_url = self.step_url(step)
+        metadata = sharded.open_step(self.store, step_url, marker, weights_only=weights_only)
+        return sharded.load_whole(
+            self.store,
+            f"{step_url}/{sharded.PAYLOAD_DIR}",
+            metadata,
+            device=torch.device(map_location if map_location is not None else "cpu"),
+            load_value=lambda data, url: _torch_load(data, url, map_location, weights_only),
+        )
+
+    @staticmethod
+    def _payload_listed(marker: dict[str, Any], files: dict[str, int]) -> bool:
+        """Whether the listing ``files`` of a step has its payload as the marker recorded it."""
+        if marker.get("kind") == sharded.KIND:
+            return sharded.mismatch(marker, files) is None
+        return bool(files.get(marker["payload"]) == marker["size"])
 
     # -- listing --------------------------------------------------------------------------------
 
@@ -313,7 +492,7 @@ class CheckpointStore:
         result: dict[int, dict[str, Any]] = {}
         for step, url, body in zip(steps, urls, bodies, strict=True):
             marker = self._parse_marker(body, step, url) if body is not None else None
-            if marker is not None and layout[step].get(marker["payload"]) == marker["size"]:
+            if marker is not None and self._payload_listed(marker, layout[step]):
                 result[step] = marker
         return result
 
@@ -378,7 +557,7 @@ class CheckpointStore:
             marker = self._read_marker(_check_step(step))
             if marker is None:
                 raise CheckpointNotFound(self.step_url(step), self.store.endpoint(self.url), step, self.steps())
-            return self._load_step(step, marker, map_location, weights_only)
+            return self._load_committed(step, marker, map_location, weights_only)
         return self._load_latest(map_location, weights_only)
 
     def _load_latest(self, map_location: MAP_LOCATION, weights_only: bool) -> Any:
@@ -388,7 +567,7 @@ class CheckpointStore:
         marker = self._read_marker(pointed) if pointed is not None else None
         if pointed is not None and marker is not None:
             try:
-                return self._load_step(pointed, marker, map_location, weights_only)
+                return self._load_committed(pointed, marker, map_location, weights_only)
             except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
                 _log.warning("%s: falling back to an older step: %s", self.url, exc)
                 failure = exc if isinstance(exc, CorruptCheckpoint) else failure
@@ -396,7 +575,7 @@ class CheckpointStore:
         committed = self._committed()
         for step in sorted(set(committed) - tried, reverse=True):
             try:
-                return self._load_step(step, committed[step], map_location, weights_only)
+                return self._load_committed(step, committed[step], map_location, weights_only)
             except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
                 _log.warning("%s: falling back to an older step: %s", self.url, exc)
                 failure = exc if isinstance(exc, CorruptCheckpoint) else failure
@@ -406,12 +585,20 @@ class CheckpointStore:
 
     def _load_step(self, step: int, marker: dict[str, Any], map_location: MAP_LOCATION, weights_only: bool) -> Any:
         url = f"{self.step_url(step)}/{marker['payload']}"
-        data = self.store.read_bytes(url)
-        if len(data) != marker["size"]:
-            raise CorruptCheckpoint(url, f"{len(data)} bytes, but its marker recorded {marker['size']}")
-        if hashlib.sha256(data).hexdigest() != marker["sha256"]:
+        size = int(self.store.info(url)["size"])  # one HEAD: a missing payload fails here, a short one below
+        if size != marker["size"]:
+            raise CorruptCheckpoint(url, f"{size} bytes, but its marker recorded {marker['size']}")
+        with open_download(self.store, url, size=size, sha256=True) as file:
+            try:
+                state = _torch_load(file, url, map_location, weights_only)
+            except errors.DataError as exc:  # a replaced or damaged payload: the digest is the likelier cause
+                if file.finish() != marker["sha256"]:
+                    raise CorruptCheckpoint(url, "sha256 differs from the one its marker recorded") from exc
+                raise
+            digest = file.finish()
+        if digest != marker["sha256"]:
             raise CorruptCheckpoint(url, "sha256 differs from the one its marker recorded")
-        return _torch_load(data, url, map_location, weights_only)
+        return state
 
     def _read_bytes_or_none(self, url: str) -> bytes | None:
         try:
@@ -445,7 +632,7 @@ class CheckpointStore:
             and isinstance(marker.get("payload"), str)
             and "/" not in marker["payload"]
             and isinstance(marker.get("size"), int)
-            and isinstance(marker.get("sha256"), str)
+            and (sharded.valid_marker(marker) if "kind" in marker else isinstance(marker.get("sha256"), str))
         )
         if not valid:
             _log.warning("%s: ignored: not a valid marker for step %d", url, step)
@@ -485,7 +672,10 @@ class CheckpointStore:
             CorruptCheckpoint: not a torch.save file. WeightsOnlyRefused: see :meth:`load`.
         """
         store = store if store is not None else Store.from_env()
-        return _torch_load(_read_version(store, url, version_id), url, map_location, weights_only)
+        if version_id is not None:
+            return _torch_load(_read_version(store, url, version_id), url, map_location, weights_only)
+        with open_download(store, url) as file:
+            return _torch_load(file, url, map_location, weights_only)
 
     # -- raw access and versions ----------------------------------------------------------------
 
@@ -500,7 +690,7 @@ class CheckpointStore:
             ...     torch.load(f, weights_only=True)
             {'lr': 0.1}
         """
-        return self.store.open(self.object_url(name), "wb", block_size=_PART_SIZE)
+        return open_upload(self.store, self.object_url(name))
 
     def reader(self, name: str) -> IO[bytes]:
         """A seekable file reading ``<run>/<name>`` (what ``torch.load`` takes)."""
@@ -538,10 +728,8 @@ class CheckpointStore:
         return newest_first[::-1]
 
 
-def _read_version(store: Store, url: str, version_id: str | None) -> bytes:
-    """The bytes of ``url``, or of one version of it (S3 only)."""
-    if version_id is None:
-        return store.read_bytes(url)
+def _read_version(store: Store, url: str, version_id: str) -> bytes:
+    """The bytes of one version of ``url`` (S3 only)."""
     fs, path = store.resolve(url)
     if not _is_s3(url):
         raise errors.ConfigError(f"{url}: {version_id=} needs an S3 store; this one keeps one version")
