@@ -21,8 +21,13 @@ A step is *committed* once its marker exists. ``save`` publishes the payload (an
 appears whole or not at all), then the marker, then ``latest.json``, then applies
 retention; a process killed at any moment leaves at most an uncommitted step (a payload
 without a marker, ignored) or a stale pointer (``load`` falls back to the newest
-committed step). ``load`` checks the payload against the marker's size and sha256
-before unpickling, so a partial or replaced payload is never returned.
+committed step). ``load`` checks the payload's size against the marker before reading
+it, and its sha256 as it streams into ``torch.load`` (:mod:`.transfer`); a mismatch is a
+:class:`CorruptCheckpoint` whatever torch made of the bytes, so a partial or replaced
+payload is never returned. The digest is known only once the payload is read: a
+damaged payload is unpickled before it is refused, which with ``weights_only=False``
+means any global it names may be imported (the marker guards integrity, not
+authenticity: whoever can replace a payload can replace its marker).
 
 Guarantees and non-guarantees:
 
@@ -151,7 +156,7 @@ def _torch_load(
     except Exception as exc:
         failed = getattr(file, "error", None)  # a ParallelReader's store error, which torch wraps
         if failed is not None:
-            raise failed from None
+            raise failed from failed.__cause__  # the backend's exception stays its cause
         named = _load_error(exc, url, weights_only)
         if named is exc:
             raise
@@ -296,7 +301,7 @@ class CheckpointStore:
                 torch.save(state, writer)  # type: ignore[arg-type]  # torch wants IO[bytes]; write/flush suffice
             except Exception:
                 if writer.error is not None:
-                    raise writer.error from None
+                    raise writer.error from writer.error.__cause__  # the backend's exception stays its cause
                 raise
         return writer.size, writer.sha256.hexdigest()
 
@@ -591,8 +596,8 @@ class CheckpointStore:
         with open_download(self.store, url, size=size, sha256=True) as file:
             try:
                 state = _torch_load(file, url, map_location, weights_only)
-            except errors.DataError as exc:  # a replaced or damaged payload: the digest is the likelier cause
-                if file.finish() != marker["sha256"]:
+            except Exception as exc:  # torch fails in many ways on damaged bytes: the digest tells which this is
+                if file.error is None and file.finish() != marker["sha256"]:
                     raise CorruptCheckpoint(url, "sha256 differs from the one its marker recorded") from exc
                 raise
             digest = file.finish()
