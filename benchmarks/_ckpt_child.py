@@ -122,7 +122,7 @@ def _transport(op: str, url: str) -> Callable[[Any], Any]:
     what store and transport do without serialising (a ceiling for the rows above). The state is
     serialised before the clock starts; a load returns bytes, unpickled after it stops."""
     import s3pipes
-    from s3pipes.checkpoint.transfer import open_download, open_upload
+    from s3pipes.transfer import open_download, open_upload
 
     store = s3pipes.Store.from_env()
     store.exists(url)

@@ -22,7 +22,7 @@ appears whole or not at all), then the marker, then ``latest.json``, then applie
 retention; a process killed at any moment leaves at most an uncommitted step (a payload
 without a marker, ignored) or a stale pointer (``load`` falls back to the newest
 committed step). ``load`` checks the payload's size against the marker before reading
-it, and its sha256 as it streams into ``torch.load`` (:mod:`.transfer`); a mismatch is a
+it, and its sha256 as it streams into ``torch.load`` (:mod:`s3pipes.transfer`); a mismatch is a
 :class:`CorruptCheckpoint` whatever torch made of the bytes, so a partial or replaced
 payload is never returned. The digest is known only once the payload is read: a
 damaged payload is unpickled before it is refused, which with ``weights_only=False``
@@ -75,9 +75,9 @@ from torch.serialization import MAP_LOCATION
 
 from s3pipes import errors
 from s3pipes.checkpoint import sharded
-from s3pipes.checkpoint.transfer import open_download, open_upload
 from s3pipes.errors import CheckpointNotFound, CorruptCheckpoint, WeightsOnlyRefused
 from s3pipes.store import Store
+from s3pipes.transfer import open_download, open_upload
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata

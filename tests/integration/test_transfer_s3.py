@@ -19,8 +19,8 @@ import torch
 import s3pipes
 from s3pipes import Store
 from s3pipes.checkpoint import CheckpointStore, CorruptCheckpoint
-from s3pipes.checkpoint.transfer import open_download, open_upload
 from s3pipes.server import LocalS3Server
+from s3pipes.transfer import open_download, open_upload
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ import torch
 import s3pipes
 from s3pipes import Store
 from s3pipes.checkpoint import CheckpointStore, CorruptCheckpoint
-from s3pipes.checkpoint.transfer import ParallelReader, open_download, open_upload
+from s3pipes.transfer import ParallelReader, open_download, open_upload
 
 KIB = 1 << 10
 BLOCK, WINDOW, SIDE_CACHE = KIB, 3, 2  # small blocks so that every test crosses many of them

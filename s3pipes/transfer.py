@@ -1,6 +1,9 @@
-"""Checkpoint payloads to and from S3 in parallel parts, never holding a second full copy.
+"""Big objects to and from S3 in parallel parts, never holding a second full copy.
 
-Saving: :func:`open_upload` returns a file that ``torch.save`` writes into. Every
+Checkpoint payloads and tar shards go up through :func:`open_upload`; checkpoints come down
+through :func:`open_download`.
+
+Saving: :func:`open_upload` returns a file that ``torch.save`` (or a tar writer) writes into. Every
 ``PART_SIZE`` bytes it hands a part to the store (S3 multipart upload) and goes on
 serialising while up to ``IN_FLIGHT`` parts upload concurrently; when that many are
 in flight, ``write`` waits. Memory: ``(IN_FLIGHT + 1) * PART_SIZE``, whatever the state's
