@@ -5,6 +5,7 @@ Importing s3pipes reads no environment variable and opens no connection.
 """
 
 from s3pipes.checkpoint import CheckpointStore, CheckpointWatcher, SyncResult, sync_checkpoints, watch_checkpoints
+from s3pipes.convert import ConvertResult, convert
 from s3pipes.decode import Decoder
 from s3pipes.errors import (
     AccessDenied,
@@ -30,6 +31,7 @@ from s3pipes.errors import (
     S3PipesError,
     ServerError,
     SignatureMismatch,
+    SourceError,
     StaleIndex,
     StoreError,
     StoreRequestError,
@@ -41,6 +43,7 @@ from s3pipes.errors import (
 from s3pipes.mapstyle import MapDataset, ObjectReader
 from s3pipes.pipe import Pipe, from_urls, list_prefix, webdataset
 from s3pipes.store import Store, load_env
+from s3pipes.writer import ShardInfo, ShardWriter
 
 __version__ = "0.1.0"
 
@@ -53,6 +56,7 @@ __all__ = [
     "CheckpointWatcher",
     "ConfigError",
     "ConnectionDropped",
+    "ConvertResult",
     "CorruptCheckpoint",
     "CorruptShard",
     "CredentialsMissing",
@@ -73,7 +77,10 @@ __all__ = [
     "Pipe",
     "S3PipesError",
     "ServerError",
+    "ShardInfo",
+    "ShardWriter",
     "SignatureMismatch",
+    "SourceError",
     "StaleIndex",
     "Store",
     "StoreError",
@@ -83,6 +90,7 @@ __all__ = [
     "UnknownAccessKey",
     "WeightsOnlyRefused",
     "WrongRegion",
+    "convert",
     "from_urls",
     "list_prefix",
     "load_env",

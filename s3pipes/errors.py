@@ -27,6 +27,7 @@ the builtin a caller would catch without knowing s3pipes, so
     │   ├── DuplicateField              a field repeated in one sample (names shard and member)
     │   ├── DecodeError                 a field could not be decoded (names sample, shard, field)
     │   ├── StaleIndex                  a shard changed after its index was written
+    │   ├── SourceError                 a source sample could not be read or converted (names the object)
     │   ├── CorruptCheckpoint           a payload does not match its marker, or is not a torch.save file
     │   └── WeightsOnlyRefused          torch.load(weights_only=True) refused an object (UnpicklingError)
     ├── ConfigError(ValueError)
@@ -71,6 +72,7 @@ __all__ = [
     "S3PipesError",
     "ServerError",
     "SignatureMismatch",
+    "SourceError",
     "StaleIndex",
     "StoreError",
     "StoreRequestError",
@@ -144,6 +146,10 @@ class WeightsOnlyRefused(DataError, pickle.UnpicklingError):
 
 class StaleIndex(DataError):
     """A shard changed (size or ETag) after its index was written."""
+
+
+class SourceError(DataError):
+    """A source object of a conversion could not be read or turned into samples (``.url`` names it)."""
 
 
 class ConfigError(S3PipesError, ValueError):

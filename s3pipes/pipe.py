@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic
 
@@ -20,6 +22,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.checkpoint import CheckpointStore
+from s3pipes.convert import ConvertResult
 from s3pipes.errors import ObjectNotFound
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
@@ -30,6 +33,7 @@ from s3pipes.stages.sink import CheckpointSink
 from s3pipes.stages.tar import Untar
 from s3pipes.stages.transform import Batch, Filter, Map
 from s3pipes.store import Store
+from s3pipes.writer import ShardWriter, write_manifest
 
 __all__ = ["Pipe", "current_consumer", "from_urls", "list_prefix", "webdataset"]
 
@@ -143,6 +147,34 @@ class Pipe(IterableDataset[T], Generic[T]):
         DataLoader worker (use ``num_workers=0``). :class:`~s3pipes.stages.sink.CheckpointSink` has the details.
         """
         return self._then(CheckpointSink, store=store, every=every, state=state)
+
+    def write_shards(
+        self,
+        pattern: str,
+        *,
+        maxcount: int = 10_000,
+        maxsize: int = 256 << 20,
+        start_shard: int = 0,
+        progress: bool | None = None,
+    ) -> ConvertResult:
+        """Write every item (a sample dict with ``__key__``) into tar shards, then their manifest; consumes the pipe.
+
+        Shards are ``pattern.format(shard=i)`` from ``start_shard``, each closed at ``maxcount``
+        samples or once ``maxsize`` bytes are reached, streamed to the store and published
+        whole (:class:`~s3pipes.writer.ShardWriter`); ``shards.s3pipes.json`` next to them is
+        written last. It runs here, in this process: :func:`s3pipes.convert` splits a
+        conversion over an executor and resumes a killed one.
+        """
+        started = time.perf_counter()
+        writer = ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, store=self._store, start_shard=start_shard)
+        items: Iterator[Any] = iter(self)
+        if progress or (progress is None and sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            items = iter(tqdm(items, desc="samples", unit="sample"))
+        shards = writer.write_all(items)
+        manifest = write_manifest(self._store, pattern, shards)
+        return ConvertResult(shards, [], 0, time.perf_counter() - started, manifest)
 
     # -- epochs and state ------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ RAISED_DIRECTLY = {
     errors.DuplicateField,
     errors.DecodeError,
     errors.StaleIndex,
+    errors.SourceError,
     errors.CheckpointNotFound,
     errors.CorruptCheckpoint,
     errors.WeightsOnlyRefused,
