@@ -28,51 +28,28 @@ import hashlib
 import json
 import logging
 import posixpath
+import re
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from s3pipes import errors
 from s3pipes.errors import SourceError
+from s3pipes.pipe import sole_consumer
 from s3pipes.stages.group import split_key
 from s3pipes.store import Store
-from s3pipes.writer import ShardInfo, ShardWriter, check_pattern, write_manifest
+from s3pipes.writer import ConvertResult, ShardInfo, ShardWriter, check_pattern, write_manifest
 
-__all__ = ["ConvertResult", "Source", "convert", "plan_units"]
+__all__ = ["ConvertResult", "ObjectSamples", "Source", "convert", "plan_units"]
 
 Source = Callable[[Sequence[str]], Iterable[Mapping[str, Any]]]
 OnError = Literal["raise", "skip"]
 RECORDS = ".s3pipes-convert"
 _NO_LIMIT = sys.maxsize
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    """What a conversion wrote (shards), left out (skipped), reused from an earlier run (resumed)."""
-
-    shards: list[ShardInfo]
-    skipped: list[dict[str, str]]
-    resumed: int
-    seconds: float
-    manifest: str
-    samples: int = field(init=False)
-    bytes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "samples", sum(shard.samples for shard in self.shards))
-        object.__setattr__(self, "bytes", sum(shard.bytes for shard in self.shards))
-
-    def __repr__(self) -> str:
-        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
-        return (
-            f"ConvertResult({len(self.shards)} shards, {self.samples:,} samples, {self.bytes / 1e6:,.1f} MB, "
-            f"{len(self.skipped)} skipped, {self.resumed} shards from an earlier run, "
-            f"{self.seconds:.1f} s, {rate:,.0f} samples/s)"
-        )
 
 
 def plan_units(sizes: Mapping[str, int], *, maxcount: int, maxsize: int) -> list[list[str]]:
@@ -87,23 +64,27 @@ def plan_units(sizes: Mapping[str, int], *, maxcount: int, maxsize: int) -> list
     units: list[list[str]] = []
     unit: list[str] = []
     unit_bytes = 0
-    urls = sorted(sizes)
-    i = 0
-    while i < len(urls):
-        stem = _stem(urls[i])
-        sample = [urls[i]]
-        while i + len(sample) < len(urls) and _same_sample(urls[i], urls[i + len(sample)], stem):
-            sample.append(urls[i + len(sample)])
+    for sample in _samples(sorted(sizes, key=lambda url: (posixpath.dirname(url), posixpath.basename(url)))):
         sample_bytes = sum(sizes[url] for url in sample)
         if unit and (len(unit) + len(sample) > maxcount or unit_bytes + sample_bytes > maxsize):
             units.append(unit)
             unit, unit_bytes = [], 0
         unit += sample
         unit_bytes += sample_bytes
-        i += len(sample)
     if unit:
         units.append(unit)
     return units
+
+
+def _samples(urls: Sequence[str]) -> list[list[str]]:
+    """``urls`` (sorted by directory, then name) in runs that make one sample each: same directory, same stem."""
+    runs: list[list[str]] = []
+    for url in urls:
+        if runs and _same_sample(runs[-1][0], url, _stem(runs[-1][0])):
+            runs[-1].append(url)
+        else:
+            runs.append([url])
+    return runs
 
 
 def _stem(url: str) -> str:
@@ -134,20 +115,26 @@ class _Unit:
         return f"{posixpath.dirname(self.pattern.format(shard=0))}/{RECORDS}/unit-{self.number:06d}.json"
 
 
-def _digest(inputs: Sequence[str], pattern: str, maxcount: int, maxsize: int) -> str:
-    """What a unit's output depends on, besides the source function: its inputs and the limits."""
-    text = json.dumps([list(inputs), posixpath.basename(pattern), maxcount, maxsize])
+def _digest(inputs: Sequence[str], pattern: str, maxcount: int, maxsize: int, on_error: str, source: Source) -> str:
+    """What a unit's output depends on: inputs, limits, error policy and the source's ``fingerprint``, if it has one
+    (a plain function has none: changing it and rerunning into the same prefix keeps the old shards)."""
+    fingerprint = str(getattr(source, "fingerprint", ""))
+    text = json.dumps([list(inputs), posixpath.basename(pattern), maxcount, maxsize, on_error, fingerprint])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _run_unit(unit: _Unit) -> dict[str, Any]:
     """Write unit's shard and its record; the record. Runs wherever the executor runs it."""
     try:
-        shards = _writer(unit).write_all(unit.source(unit.inputs))
+        with sole_consumer():  # the unit is this process's share already: a launcher's RANK must not split it
+            shards = _writer(unit).write_all(unit.source(unit.inputs))
         skipped: list[dict[str, str]] = []
+    except errors.BucketNotFound:
+        raise  # the destination's: no input is to blame
     except Exception as exc:  # find which input, then raise naming it or go on without it
         _log.warning("unit %d failed (%s); retrying it input by input", unit.number, exc)
-        shards, skipped = _run_by_input(unit)
+        with sole_consumer():
+            shards, skipped = _run_by_input(unit)
     shard = shards[0] if shards else None
     record = {
         "digest": unit.digest,
@@ -166,15 +153,16 @@ def _writer(unit: _Unit) -> ShardWriter:
 def _run_by_input(unit: _Unit) -> tuple[list[ShardInfo], list[dict[str, str]]]:
     skipped: list[dict[str, str]] = []
     with _writer(unit) as writer:
-        for url in unit.inputs:
+        for inputs in _samples(unit.inputs):  # one sample's objects at a time: a sample is never split
             try:
-                samples = list(unit.source([url]))
+                samples = list(unit.source(inputs))
             except Exception as exc:
+                url = next((url for url in inputs if url in str(exc)), inputs[0])
                 failure = _named(exc, url)
                 if unit.on_error == "raise":
                     raise failure from exc
                 _log.warning("skipped %s: %s", url, failure)
-                skipped.append({"source": url, "error": str(failure)})
+                skipped += [{"source": url, "error": str(failure)} for url in inputs]
                 continue
             for sample in samples:
                 writer.write(sample)
@@ -237,7 +225,15 @@ def convert(
         ending = f" ending in {suffix!r}" if suffix else ""
         raise errors.ObjectNotFound(inputs, store.endpoint(inputs), f"no input object{ending} under this prefix")
     units = [
-        _Unit(n, tuple(urls), source, dst_pattern, store, on_error, _digest(urls, dst_pattern, maxcount, maxsize))
+        _Unit(
+            n,
+            tuple(urls),
+            source,
+            dst_pattern,
+            store,
+            on_error,
+            _digest(urls, dst_pattern, maxcount, maxsize, on_error, source),
+        )
         for n, urls in enumerate(plan_units(sizes, maxcount=maxcount, maxsize=maxsize))
     ]
     done = _finished(store, units)
@@ -284,21 +280,28 @@ def _finished(store: Store, units: Sequence[_Unit]) -> dict[int, dict[str, Any]]
     """The units an earlier run finished with these same inputs and limits: their records."""
     if not units:
         return {}
-    prefix = posixpath.dirname(units[0].record_url) + "/"
+    directory = posixpath.dirname(units[0].pattern.format(shard=0))
     try:
-        present = set(store.list(prefix, suffix=".json"))
+        listing = store.list_info(directory + "/")  # records and shards; a missing bucket fails here, early
+    except errors.BucketNotFound:
+        raise
     except errors.NotFound:
         return {}
     found: dict[int, dict[str, Any]] = {}
     for unit in units:
-        if unit.record_url not in present:
+        if unit.record_url not in listing:
             continue
         try:
             record = json.loads(store.read_bytes(unit.record_url))
         except (errors.ObjectNotFound, ValueError):
             continue
-        if isinstance(record, dict) and record.get("digest") == unit.digest:
-            found[unit.number] = record
+        if not isinstance(record, dict) or record.get("digest") != unit.digest:
+            continue
+        shard = record.get("shard")
+        shard_info = listing.get(f"{directory}/{shard['name']}") if shard else None
+        if shard and (shard_info is None or int(shard_info.get("size") or -1) != shard["bytes"]):
+            continue  # the record outlived its shard (deleted or replaced since): write it again
+        found[unit.number] = record
     return found
 
 
@@ -328,3 +331,111 @@ class _Bars:
     def close(self) -> None:
         for bar in self._bars:
             bar.close()
+
+
+_LABEL = re.compile(r"-?[0-9]+", re.ASCII)
+
+
+@dataclass(frozen=True)
+class ObjectSamples:
+    """A :data:`Source` for :func:`convert` over one-object-per-sample data: objects -> samples, bytes as they are.
+
+    ``s3://raw/mnist/train/3/00017.png`` under ``prefix="s3://raw/mnist/train/"`` becomes
+    ``{"__key__": "3/00017", "png": <the object's bytes>}``, and with ``label_from_path=1``
+    also ``"cls": 3``. The key is the object's path relative to ``prefix`` without its
+    extensions, the field is the extensions lower-cased (webdataset's rule,
+    :func:`~s3pipes.stages.group.split_key`: ``x.seg.png`` -> key ``x``, field ``seg.png``).
+    Consecutive objects with one key (``x.json``, ``x.png``) make one sample, as
+    :func:`plan_units` keeps them in one unit. Nothing is decoded.
+
+    Each call reads its objects with one GET each, ``concurrency`` at a time
+    (:meth:`Store.read_ranges <s3pipes.store.Store.read_ranges>`), about ``4 * concurrency``
+    objects in memory at once. It is not a :class:`~s3pipes.pipe.Pipe`: a Pipe splits its
+    URLs over ranks and DataLoader workers (``RANK``/``WORLD_SIZE``), which would drop
+    inputs from a unit run under ``torchrun``. Instances pickle (process pools, Dask).
+
+    Args:
+        prefix: the source prefix the keys are relative to (what ``convert`` lists).
+        label_from_path: store ``int(component)`` as ``cls``, taking the component of the
+            path under ``prefix`` at this position, counting from 1 and directories only
+            (1: ``<label>/<id>.png``; 2: ``<split>/<label>/<id>.png``). None: no label.
+        store: the Store to read through; ``Store.from_env()`` in the process running the
+            unit when None (pass one for Dask workers that lack the environment).
+        concurrency: GETs in flight.
+
+    Raises:
+        ValueError: ``label_from_path`` < 1 or ``concurrency`` < 1 (when constructed).
+        SourceError: (when called) an object is outside ``prefix``, has no extension, has no
+            integer label at ``label_from_path``, or repeats a field of its sample; names it.
+        StoreError: (when called) an object could not be read; names it.
+
+    Example::
+
+        source = ObjectSamples("s3://raw/mnist/train/", label_from_path=1, store=store)
+        convert(source, "s3://shards/mnist/train-{shard:06d}.tar", "s3://raw/mnist/train/", suffix=".png")
+    """
+
+    prefix: str
+    label_from_path: int | None = None
+    store: Store | None = None
+    concurrency: int = 32
+
+    @property
+    def fingerprint(self) -> str:
+        """What the samples depend on (``convert`` redoes units a different fingerprint made)."""
+        return f"ObjectSamples({self.prefix!r}, label_from_path={self.label_from_path})"
+
+    def __post_init__(self) -> None:
+        if self.label_from_path is not None and self.label_from_path < 1:
+            raise ValueError(f"label_from_path={self.label_from_path} must be >= 1 (1 = the first directory)")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency={self.concurrency} must be >= 1")
+
+    def __call__(self, urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The samples of ``urls``, in their order."""
+        store = self.store if self.store is not None else Store.from_env()
+        batch_size = 4 * self.concurrency
+        sample: dict[str, Any] | None = None
+        for start in range(0, len(urls), batch_size):
+            batch = urls[start : start + batch_size]
+            named = [(url, *self._key_field(url)) for url in batch]  # fail on names before any GET
+            contents = store.read_ranges(batch, concurrency=self.concurrency)
+            for (url, key, extension), data in zip(named, contents, strict=True):
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key}
+                    if self.label_from_path is not None:
+                        sample["cls"] = self._label(url)
+                if extension in sample:
+                    source = "label_from_path" if extension == "cls" and self.label_from_path else "another object"
+                    raise SourceError(url, f"field {extension!r} of sample {key!r} is already set by {source}")
+                sample[extension] = data
+        if sample is not None:
+            yield sample
+
+    def _relative(self, url: str) -> str:
+        root = self.prefix.rstrip("/") + "/"
+        if not url.startswith(root):
+            raise SourceError(url, f"is not under prefix={self.prefix!r}, so it has no key relative to it")
+        return url[len(root) :]
+
+    def _key_field(self, url: str) -> tuple[str, str]:
+        parts = split_key(self._relative(url))
+        if parts is None:
+            raise SourceError(url, "has no extension to name its field (select objects with suffix=, e.g. '.png')")
+        return parts
+
+    def _label(self, url: str) -> int:
+        k = self.label_from_path
+        assert k is not None
+        directories = self._relative(url).split("/")[:-1]
+        if k > len(directories):
+            raise SourceError(
+                url, f"has {len(directories)} directories under the prefix: no label at label_from_path={k}"
+            )
+        component = directories[k - 1]
+        if not _LABEL.fullmatch(component):
+            raise SourceError(url, f"path component {k} is {component!r}, not an integer label (label_from_path={k})")
+        return int(component)

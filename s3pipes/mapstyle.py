@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from s3pipes._types import Sample
 from s3pipes.index import ShardIndex, build_shard_index, read_manifest
+from s3pipes.preview import Preview, peek_count
 from s3pipes.stages._tarparse import TarReader
 from s3pipes.stages.group import add_field, split_key
 from s3pipes.store import Store
@@ -192,6 +193,26 @@ class MapDataset(Dataset[Item], Generic[Item]):
             blob_start, blob = next((s, b) for u, s, e, b in fetched if u == url and s <= start and end <= e)
             out.append(_parse_sample(url, key, start, blob[start - blob_start : end - blob_start]))
         return out
+
+    def peek(self, n: int = 5) -> Preview[Item]:
+        """Items ``0 .. n-1`` (fewer if the dataset is shorter), fetched as one batch, shown as a table.
+
+        :class:`~s3pipes.preview.Preview` has the display (thumbnails in a notebook).
+
+        Raises:
+            ValueError: ``n`` is not a non-negative int.
+
+        Example:
+            >>> store = Store()
+            >>> for name in ("b.txt", "a.txt"):
+            ...     store.write_bytes(f"memory://doc-map-peek/{name}", name.encode())
+            >>> MapDataset.from_prefix("memory://doc-map-peek/", store=store).peek(5)
+            Preview of 2 items
+            #  item
+            0  5 B b'a.txt'
+            1  5 B b'b.txt'
+        """
+        return Preview(self.__getitems__(range(min(peek_count(n), len(self)))))
 
     def __repr__(self) -> str:
         kind = f"{len(self)} samples in {len(self._urls)} shards" if self._shards else f"{len(self)} objects"

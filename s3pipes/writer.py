@@ -23,16 +23,25 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import IO, Any
 
 from webdataset import TarWriter
+from webdataset.writer import make_encoder
 
 from s3pipes.store import Store
 from s3pipes.transfer import open_upload
 
-__all__ = ["MANIFEST_NAME", "ShardInfo", "ShardWriter", "manifest_url", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "ConvertResult",
+    "ShardInfo",
+    "ShardWriter",
+    "manifest_url",
+    "read_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME = "shards.s3pipes.json"
 _FORMAT = "s3pipes.shards/1"
@@ -47,6 +56,31 @@ class ShardInfo:
     bytes: int
     first_key: str
     last_key: str
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What a conversion or ``write_shards`` wrote (shards), left out (skipped), took from an earlier run (resumed)."""
+
+    shards: list[ShardInfo]
+    skipped: list[dict[str, str]]
+    resumed: int
+    seconds: float
+    manifest: str
+    samples: int = field(init=False)
+    bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "samples", sum(shard.samples for shard in self.shards))
+        object.__setattr__(self, "bytes", sum(shard.bytes for shard in self.shards))
+
+    def __repr__(self) -> str:
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        return (
+            f"ConvertResult({len(self.shards)} shards, {self.samples:,} samples, {self.bytes / 1e6:,.1f} MB, "
+            f"{len(self.skipped)} skipped, {self.resumed} shards from an earlier run, "
+            f"{self.seconds:.1f} s, {rate:,.0f} samples/s)"
+        )
 
 
 def check_pattern(pattern: str) -> str:
@@ -67,13 +101,26 @@ def manifest_url(pattern: str) -> str:
     return f"{posixpath.dirname(pattern.format(shard=0))}/{MANIFEST_NAME}"
 
 
+_ENCODE_BY_EXTENSION = make_encoder(True)
+
+
+def _encode(sample: dict[str, Any]) -> dict[str, Any]:
+    """webdataset's encoding by extension for values; bytes stay as they are (it would gzip ``x.json.gz`` again)."""
+    raw = {k: v for k, v in sample.items() if isinstance(v, (bytes, bytearray, memoryview))}
+    encoded: dict[str, Any] = _ENCODE_BY_EXTENSION({k: v for k, v in sample.items() if k not in raw})
+    return {**encoded, **raw}
+
+
 class _Counting:
     """The upload as ``TarWriter`` sees it, counting the bytes that reach it."""
 
     def __init__(self, file: IO[bytes]) -> None:
         self.file, self.bytes = file, 0
+        self.discarded = False
 
     def write(self, data: Any) -> int:
+        if self.discarded:
+            return memoryview(data).nbytes
         written = self.file.write(data)
         self.bytes += memoryview(data).nbytes
         return written
@@ -95,7 +142,8 @@ class ShardWriter:
             exceeds it by less than one sample).
         store: the Store to write through; ``Store.from_env()`` when None.
         start_shard: the number of the first shard.
-        mtime: every member's modification time (fixed, so output is reproducible).
+        mtime: every member's modification time (fixed, so output is reproducible; an int:
+            tarfile writes a PAX header for every member with a fractional one).
 
     Fields are encoded by extension as webdataset's ``TarWriter`` does (``cls`` int -> text,
     ``json`` -> JSON, images of PIL/numpy -> that format, bytes as they are).
@@ -119,7 +167,7 @@ class ShardWriter:
         maxsize: int = 256 << 20,
         store: Store | None = None,
         start_shard: int = 0,
-        mtime: float = 0.0,
+        mtime: int = 0,
     ) -> None:
         if maxcount < 1 or maxsize < 1:
             raise ValueError(f"{maxcount=} and {maxsize=} must be >= 1")
@@ -162,15 +210,16 @@ class ShardWriter:
         return self.shards
 
     def _full(self) -> bool:
-        assert self._counting is not None
-        return self._count >= self.maxcount or self._counting.bytes >= self.maxsize
+        assert self._tar is not None
+        # The tar stream's offset, not the bytes sent: tarfile buffers up to 10 KiB before writing.
+        return self._count >= self.maxcount or self._tar.tarstream.offset >= self.maxsize
 
     def _open_shard(self) -> None:
         self._url = self.pattern.format(shard=self._next)
         self._next += 1
         self._file = open_upload(self.store, self._url)
         self._counting = _Counting(self._file)
-        self._tar = TarWriter(self._counting, mtime=self.mtime)
+        self._tar = TarWriter(self._counting, mtime=self.mtime, encoder=_encode)
         self._count, self._first, self._last = 0, "", ""
 
     def _close_shard(self) -> None:
@@ -191,6 +240,8 @@ class ShardWriter:
 
     def discard(self) -> None:
         """Drop the shard being filled: nothing of it is published. Closed shards stay."""
+        if self._counting is not None:
+            self._counting.discarded = True  # tarfile flushes its buffer when collected: not into this upload
         if self._file is not None:
             discard = getattr(self._file, "discard", None)
             if discard is not None:

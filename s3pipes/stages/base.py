@@ -4,6 +4,10 @@ A stage is an iterator with an explicit, small state. ``reset(state)`` puts it (
 through ``SOURCE_KEY``, its source) back at that position; ``get_state()`` describes the
 position *after the last item it returned*, so that ``reset(get_state())`` on a fresh
 copy continues with exactly the next item.
+
+Every stage also counts what it returns since its last ``reset`` (``items_out``; the
+stages that move bytes, ``OpenObject`` and ``Untar``, also ``bytes_out``) for
+``Pipe.stats()``: an integer increment or two per item, never part of the state.
 """
 
 from __future__ import annotations
@@ -20,10 +24,20 @@ SOURCE_KEY = "source"
 
 
 class Stage(BaseNode[T], Generic[T]):
-    """Every s3pipes stage: a ``torchdata.nodes.BaseNode`` (so ``Loader`` and friends take it)."""
+    """Every s3pipes stage: a ``torchdata.nodes.BaseNode`` (so ``Loader`` and friends take it).
+
+    Attributes:
+        items_out: items ``next()`` returned since the last ``reset`` (each stage's ``next``
+            increments it). Not part of the state: a resumed stage counts from 0.
+    """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # BaseNode.__init__ is unannotated
+        self.items_out = 0
+
+    def reset(self, initial_state: StateDict | None = None) -> None:
+        super().reset(initial_state)
+        self.items_out = 0
 
 
 class ThroughStage(Stage[T], Generic[T]):

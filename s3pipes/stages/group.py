@@ -88,10 +88,12 @@ class GroupByKey(Stage[Sample]):
                 following = self._pull()
             except StopIteration:
                 self._pending_state = None
+                self.items_out += 1
                 return sample
             member, next_key, field = following
             if next_key != key or member.url != sample["__url__"]:
                 self._pending = following
+                self.items_out += 1
                 return sample
             add_field(sample, field, member.data, member=member.name, offset=member.offset)
 

@@ -19,6 +19,7 @@ Memory: at most two blocks (the one being read and the one being fetched).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -39,11 +40,19 @@ class ObjectStream:
 
     Nothing is requested before the first read, so ``seek`` first costs nothing: the
     first GET starts there, which is how a shard resumes mid-way without re-reading
-    its start. Errors are the Store's (translated, naming the URL).
+    its start. Errors are the Store's (translated, naming the URL). ``on_read(n)``, if
+    given, is called with the size of every ``read()`` result (``OpenObject`` counts bytes so).
     """
 
-    def __init__(self, url: str, store: Store, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
-        self.url, self._store, self._block_size = url, store, block_size
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
+        self.url, self._store, self._block_size, self._on_read = url, store, block_size, on_read
         self._position = 0  # of the next byte read() returns
         self._size: int | None = None
         self._block, self._block_at = b"", 0  # bytes held, and the offset of their start
@@ -77,7 +86,10 @@ class ObjectStream:
             parts.append(piece)
             self._position += len(piece)
             size -= len(piece)
-        return parts[-1] if len(parts) == 2 else b"".join(parts)
+        data = parts[-1] if len(parts) == 2 else b"".join(parts)
+        if self._on_read is not None:
+            self._on_read(len(data))
+        return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence == 1:
@@ -123,20 +135,30 @@ class ObjectStream:
 
 
 class OpenObject(Stage[ObjectStream]):
-    """Turns each URL from ``source`` into an :class:`ObjectStream`. Position: the source's."""
+    """Turns each URL from ``source`` into an :class:`ObjectStream`. Position: the source's.
+
+    ``bytes_out`` counts the bytes read through its streams since the last ``reset`` (for ``Pipe.stats()``).
+    """
 
     def __init__(self, source: BaseNode[str], store: Store, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__()
         if block_size <= 0:
             raise ValueError(f"{block_size=} must be a positive number of bytes")
         self.source, self.store, self.block_size = source, store, block_size
+        self.bytes_out = 0
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
+        self.bytes_out = 0
 
     def next(self) -> ObjectStream:
-        return ObjectStream(next(self.source), self.store, block_size=self.block_size)
+        stream = ObjectStream(next(self.source), self.store, block_size=self.block_size, on_read=self._count)
+        self.items_out += 1
+        return stream
+
+    def _count(self, size: int) -> None:
+        self.bytes_out += size
 
     def get_state(self) -> StateDict:
         return {SOURCE_KEY: self.source.state_dict()}

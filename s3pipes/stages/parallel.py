@@ -67,6 +67,7 @@ class ParallelMap(Stage[U], Generic[T, U]):
             raise StopIteration
         _, future = self._in_flight.popleft()
         result = future.result()
+        self.items_out += 1
         self._fill()
         return result
 

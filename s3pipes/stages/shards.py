@@ -116,6 +116,7 @@ class Shards(Stage[str]):
         if self._index >= len(self._urls):
             raise StopIteration
         self._index += 1
+        self.items_out += 1
         return self._urls[self._index - 1]
 
     def get_state(self) -> StateDict:

@@ -59,6 +59,7 @@ class ShuffleBuffer(Stage[T]):
             raise StopIteration
         index = self._rng.randrange(len(self._buffer))
         self._buffer[index], self._buffer[-1] = self._buffer[-1], self._buffer[index]
+        self.items_out += 1
         return self._buffer.pop()
 
     def get_state(self) -> StateDict:

@@ -98,6 +98,7 @@ class CheckpointSink(Stage[T]):
                 self._save()  # the end of the epoch
             raise
         self._step += 1
+        self.items_out += 1
         return item
 
     def get_state(self) -> StateDict:

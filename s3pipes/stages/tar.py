@@ -35,6 +35,9 @@ class TarMember:
 class Untar(Stage[TarMember]):
     """Yields every regular file of every stream from ``source``, in archive order.
 
+    ``bytes_out`` counts the member bytes returned since the last ``reset`` (for ``Pipe.stats()``).
+    ``shutdown()`` closes the open shard stream (also done at the end of each shard).
+
     State: ``{"source": <source state before the current shard>, "offset": <next
     member header in that shard, or None between shards>}``.
 
@@ -47,10 +50,12 @@ class Untar(Stage[TarMember]):
     def __init__(self, source: BaseNode[ObjectStream]) -> None:
         super().__init__()
         self.source = source
+        self.bytes_out = 0
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
         self._close()
+        self.bytes_out = 0
         state = initial_state or {}
         self.source.reset(state.get(SOURCE_KEY))
         self._shard_state: StateDict | None = state.get(SOURCE_KEY)
@@ -88,7 +93,13 @@ class Untar(Stage[TarMember]):
                 self._offset = None
                 continue
             self._offset = member.next_offset
+            self.items_out += 1
+            self.bytes_out += len(member.data)
             return TarMember(url, member.name, member.data, member.offset)
+
+    def shutdown(self) -> None:
+        """Close the shard stream being read, if any. Idempotent. ``reset()`` before iterating again."""
+        self._close()
 
     def get_state(self) -> StateDict:
         if self._offset is None:

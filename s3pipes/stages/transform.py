@@ -23,7 +23,9 @@ class Map(ThroughStage[U], Generic[T, U]):
 
     def next(self) -> U:
         item: T = next(self.source)
-        return self.fn(item)
+        out = self.fn(item)
+        self.items_out += 1
+        return out
 
 
 class Filter(ThroughStage[T]):
@@ -37,6 +39,7 @@ class Filter(ThroughStage[T]):
         while True:
             item: T = next(self.source)
             if self.predicate(item):
+                self.items_out += 1
                 return item
 
 
@@ -72,7 +75,9 @@ class Batch(Stage[Any], Generic[T]):
                 break
         if not items or (self.drop_last and len(items) < self.batch_size):
             raise StopIteration
-        return self.collate(items) if self.collate is not None else items
+        batch = self.collate(items) if self.collate is not None else items
+        self.items_out += 1
+        return batch
 
     def get_state(self) -> StateDict:
         return {SOURCE_KEY: self.source.state_dict()}
