@@ -306,7 +306,7 @@ def _finished(store: Store, units: Sequence[_Unit]) -> dict[int, dict[str, Any]]
 
 
 class _Bars:
-    """Progress: inputs, MB written and shards, as units finish; nothing when progress is off."""
+    """Progress as units finish: samples written, bytes written, shards (of the plan); nothing when off."""
 
     def __init__(self, enabled: bool | None, *, total_units: int, total_inputs: int) -> None:
         if enabled is None:
@@ -315,16 +315,17 @@ class _Bars:
         if enabled:
             from tqdm import tqdm
 
+            # total: the inputs, which are the samples when each object is one (a sample's files count once each)
             self._bars = [
-                tqdm(total=total_inputs, desc="inputs", unit="obj", position=0),
+                tqdm(total=total_inputs, desc="samples", unit="sample", position=0),
                 tqdm(desc="written", unit="B", unit_scale=True, unit_divisor=1024, position=1),
                 tqdm(total=total_units, desc="shards", unit="shard", position=2),
             ]
 
     def unit_done(self, record: Mapping[str, Any], inputs: int) -> None:
         if self._bars:
-            inputs_bar, bytes_bar, shards_bar = self._bars
-            inputs_bar.update(inputs)
+            samples_bar, bytes_bar, shards_bar = self._bars
+            samples_bar.update(record["shard"]["samples"] if record["shard"] else 0)
             bytes_bar.update(record["shard"]["bytes"] if record["shard"] else 0)
             shards_bar.update(1)
 

@@ -569,7 +569,7 @@ def test_progress_true_draws_bars_on_stderr_and_the_result_summarises(
         result = run_convert(raw, f"{mem_root}/out", progress=True)
     out, err = capsys.readouterr()
     assert out == ""
-    for bar in ("inputs", "written", "shards"):
+    for bar in ("samples", "written", "shards"):
         assert bar in err, err
     assert "24/24" in err and "5/5" in err
     summary = repr(result)
