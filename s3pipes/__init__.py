@@ -42,6 +42,7 @@ from s3pipes.errors import (
 )
 from s3pipes.mapstyle import MapDataset, ObjectReader
 from s3pipes.pipe import Pipe, from_urls, list_prefix, webdataset
+from s3pipes.spec import from_spec
 from s3pipes.store import Store, load_env
 from s3pipes.writer import ShardInfo, ShardWriter
 
@@ -91,6 +92,7 @@ __all__ = [
     "WeightsOnlyRefused",
     "WrongRegion",
     "convert",
+    "from_spec",
     "from_urls",
     "list_prefix",
     "load_env",

@@ -24,7 +24,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.checkpoint import CheckpointStore
-from s3pipes.errors import ObjectNotFound
+from s3pipes.errors import ConfigError, ObjectNotFound
 from s3pipes.preview import PipeStats, Preview, describe_pipe, step_label
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
@@ -85,12 +85,14 @@ class Pipe(IterableDataset[T], Generic[T]):
     """
 
     STATE_VERSION = 1
+    SPEC_KEY = "spec"  # the state's spec_fingerprint()
 
     def __init__(self, plan: ShardPlan, store: Store, steps: tuple[_Step, ...] = (), *, epoch: int = 0) -> None:
         super().__init__()
         self._plan, self._store, self._steps, self._epoch = plan, store, steps, epoch
         self._pending: StateDict | None = None
         self._live: _PipeIterator[T] | None = None
+        self._fingerprint: tuple[str | None] | None = None  # spec_fingerprint(), once computed
 
     # -- planning (before any stage) -------------------------------------------------------
 
@@ -255,6 +257,41 @@ class Pipe(IterableDataset[T], Generic[T]):
             return PipeStats.collect(labels, None, 0.0, None)
         return PipeStats.collect(labels, live.node, live.started, live.finished)
 
+    # -- as data ---------------------------------------------------------------------------
+
+    def to_spec(self) -> dict[str, Any]:
+        """This pipeline as plain data; :func:`s3pipes.spec.from_spec` rebuilds it (:mod:`s3pipes.spec` has the format).
+
+        Holds no store and no credentials, and leaves out ``.checkpoint()``.
+
+        Raises:
+            ConfigError: a stage holds a lambda, a local function or another callable without an import path.
+        """
+        from s3pipes.spec import to_spec
+
+        return to_spec(self)
+
+    def to_yaml(self) -> str:
+        """:meth:`to_spec` as YAML text."""
+        from s3pipes.spec import to_yaml
+
+        return to_yaml(self.to_spec())
+
+    def spec_fingerprint(self) -> str | None:
+        """16 hex digits naming the items this pipe yields and their order; None if it has no spec (lambdas).
+
+        ``state_dict()`` records it, and ``load_state_dict()`` refuses a state of another fingerprint.
+        Thread counts and block sizes do not change it; :mod:`s3pipes.spec` has the rule.
+        """
+        if self._fingerprint is None:
+            from s3pipes.spec import spec_fingerprint, to_spec
+
+            try:
+                self._fingerprint = (spec_fingerprint(to_spec(self)),)
+            except ConfigError:
+                self._fingerprint = (None,)
+        return self._fingerprint[0]
+
     # -- epochs and state ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
@@ -273,9 +310,21 @@ class Pipe(IterableDataset[T], Generic[T]):
         return self._wrap(self._build(consumer).state_dict(), consumer)
 
     def load_state_dict(self, state: StateDict) -> None:
-        """Resume from ``state`` at the next ``iter()``."""
+        """Resume from ``state`` at the next ``iter()``.
+
+        Raises:
+            ValueError: not a Pipe state dict, or one saved by a pipeline of another :meth:`spec_fingerprint`
+                (a state without one, or a pipe without one, is not checked).
+        """
         if state.get("version") != self.STATE_VERSION or "node" not in state:
             raise ValueError(f"not an s3pipes Pipe state dict (keys {sorted(state)})")
+        saved, mine = state.get(self.SPEC_KEY), self.spec_fingerprint()
+        if saved is not None and mine is not None and saved != mine:
+            raise ValueError(
+                f"this state belongs to another pipeline: it was saved by pipeline {saved}, this is {mine}; "
+                "the shard list, the shard seed or the stages differ (pipe.to_spec() shows this one). Resume "
+                "with the pipeline that saved it, e.g. s3pipes.from_spec() of the spec saved with the run"
+            )
         self._pending = dict(state)
         self._epoch = int(state["epoch"])
 
@@ -285,6 +334,7 @@ class Pipe(IterableDataset[T], Generic[T]):
             "epoch": self._epoch,
             "consumer": [consumer.rank, consumer.world_size, consumer.worker, consumer.num_workers],
             "node": node_state,
+            self.SPEC_KEY: self.spec_fingerprint(),
         }
 
     # -- running ---------------------------------------------------------------------------
