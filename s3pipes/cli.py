@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from s3pipes.errors import ConfigError, S3PipesError
 from s3pipes.store import Store
+
+if TYPE_CHECKING:
+    from s3pipes.checkpoint import CheckpointStore
 
 __all__ = ["main"]
 
@@ -32,6 +41,115 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for url in store.list(args.url, suffix=args.suffix):
         print(url)
     return 0
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    import s3pipes as sp
+
+    # a prefix ends in "/"; a shard, a list or a brace pattern names .tar files; anything else is a prefix
+    url = args.url if args.url.endswith("/") or args.url.endswith(args.suffix) or "{" in args.url else args.url + "/"
+    pipe = sp.webdataset(url, suffix=args.suffix, store=_store(args))
+    preview = pipe.decode(args.decode).peek(args.n) if args.decode else pipe.peek(args.n)
+    print(preview)
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> CheckpointStore:
+    from s3pipes.checkpoint import CheckpointStore
+
+    try:
+        return CheckpointStore(args.url, store=_store(args))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _kind(marker: dict[str, Any]) -> str:
+    return "dcp" if marker.get("kind") == "dcp" else "torch.save"
+
+
+def _created(marker: dict[str, Any]) -> str:
+    created = marker.get("created")
+    if not isinstance(created, (int, float)):
+        return "?"
+    return datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bytes(size: int) -> str:
+    """``812 B``, ``1.9 kB``, ``12.3 MB``, ``1.5 GB`` (powers of 1000, as convert reports sizes)."""
+    if size < 1000:
+        return f"{size} B"
+    exponent = min(len(str(size)) - 1, 12) // 3  # 1 kB .. 4 TB
+    return f"{size / 1000**exponent:,.1f} {('kB', 'MB', 'GB', 'TB')[exponent - 1]}"
+
+
+def _cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    from s3pipes.errors import CheckpointNotFound
+
+    ckpt = _checkpoints(args)
+    markers, leftovers = ckpt.markers(), ckpt.uncommitted()
+    if not markers and not leftovers:
+        raise CheckpointNotFound(ckpt.url, ckpt.store.endpoint(ckpt.url), None, [])
+    latest = ckpt.latest_step() if markers else None
+    rows = [["step", "kind", "size", "created (UTC)", ""]]
+    for step, marker in markers.items():
+        size, mark = _bytes(int(marker["size"])), "latest" if step == latest else ""
+        rows.append([str(step), _kind(marker), size, _created(marker), mark])
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = (
+            cell.rjust(width) if i in (0, 2) else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        print("  ".join(cells).rstrip())
+    for step, files in leftovers.items():
+        print(
+            f"uncommitted step {step}: {len(files)} file{'' if len(files) == 1 else 's'}, "
+            f"{_bytes(sum(files.values()))} (an interrupted save; the next save's retention deletes it)"
+        )
+    return 0
+
+
+def _cmd_ckpt_show(args: argparse.Namespace) -> int:
+    ckpt = _checkpoints(args)
+    marker = ckpt.marker(args.step)
+    step = int(marker["step"])
+    print(f"step {step} of {ckpt.url}: {_kind(marker)}, {_bytes(int(marker['size']))}, created {_created(marker)}")
+    print(json.dumps(marker, indent=2, sort_keys=True))
+    if marker.get("kind") == "dcp":
+        files: dict[str, int] = marker.get("files", {})
+        print(f"files ({len(files)}):")
+        width = max(map(len, files), default=0)
+        for name, size in sorted(files.items()):
+            print(f"  {name.ljust(width)}  {size:,} B")
+    else:
+        described = ckpt.describe(step)
+        print(f"state ({len(described)} key{'' if len(described) == 1 else 's'}, loaded with weights_only=True):")
+        width = max(map(len, described), default=0)
+        for key, text in described.items():
+            print(f"  {key.ljust(width)}  {text}")
+    return 0
+
+
+BENCHMARKS = ("streaming", "mapstyle", "checkpoint", "convert")
+
+
+def _benchmarks_root(name: str) -> Path:
+    """The directory holding the ``benchmarks`` package (the repository clone): the working directory first."""
+    for root in (Path.cwd(), *(Path(entry) for entry in sys.path if entry)):
+        if (root / "benchmarks" / "__init__.py").is_file() and (root / "benchmarks" / f"{name}.py").is_file():
+            return root
+    raise ConfigError(
+        f"benchmarks.{name} cannot be imported: the benchmarks are not installed with the library; "
+        "run `s3pipes bench` from a clone of the s3pipes repository (its root directory)"
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = _benchmarks_root(args.name)
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *([path] if path else [])])}
+    argv = [sys.executable, "-m", f"benchmarks.{args.name}", *(["--quick"] if args.quick else []), *args.extra]
+    return subprocess.run(argv, env=env, check=False).returncode
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -176,6 +294,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step number (an integer >= 0)")
+    return value
+
+
 def _shard_pattern(text: str) -> str:
     from s3pipes.writer import check_pattern
 
@@ -189,7 +317,14 @@ def _shard_pattern(text: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="s3pipes", description="Composable PyTorch data pipelines over object storage."
+        prog="s3pipes",
+        description="Composable PyTorch data pipelines over object storage.",
+        epilog=(
+            "Examples:\n  s3pipes ls s3://bucket/shards/\n  s3pipes head s3://bucket/shards/ -n 3\n"
+            "  s3pipes ckpt ls s3://ckpts/run\n  s3pipes COMMAND --help\n\n"
+            "Exit status: 0 ok, 1 a failure (one line on stderr), 2 a usage error."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--env-file", help="read AWS_* settings from this .env file (process environment wins)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -198,12 +333,41 @@ def _parser() -> argparse.ArgumentParser:
         "ls",
         help="list objects under a prefix",
         description="List objects under a prefix, sorted.",
-        epilog="example: s3pipes ls s3://bucket/train/ --suffix .tar",
+        epilog="Examples:\n  s3pipes ls s3://bucket/train/ --suffix .tar\n  s3pipes --env-file .env ls s3://bucket/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ls.add_argument("url")
     ls.add_argument("--suffix", default="", help="only names ending in this")
     ls.set_defaults(run=_cmd_ls)
+
+    head = commands.add_parser(
+        "head",
+        help="print the first samples of a tar shard or of the shards under a prefix",
+        description=(
+            "Print the first N samples of a WebDataset tar shard, or of the shards under a prefix (read in "
+            "sorted order), as a table: one row per sample, its __key__ and a short description of each field "
+            "(bytes: size; decoded images: WxH mode; tensors: shape and dtype). URL is a prefix when it ends "
+            "in '/' or does not end in --suffix; shard lists like shard-{000..009}.tar expand."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  s3pipes head s3://shards/mnist/shard-000000.tar\n"
+            "  s3pipes head s3://shards/mnist/ -n 10 --decode\n"
+            "  s3pipes head 's3://shards/imgs/shard-{000000..000003}.tar' --decode numpy"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    head.add_argument("url", metavar="URL", help="a shard, a brace pattern of shards, or a prefix")
+    head.add_argument("-n", type=_positive, default=5, help="samples to show (default: 5)")
+    head.add_argument(
+        "--decode",
+        nargs="?",
+        const="pil",
+        choices=("pil", "numpy", "torch", "torch_float"),
+        help="decode the fields by extension first; images as this (default when given: pil)",
+    )
+    head.add_argument("--suffix", default=".tar", help="shard names end in this (default: .tar)")
+    head.set_defaults(run=_cmd_head)
 
     index = commands.add_parser(
         "index",
@@ -214,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
             "opens with one GET instead of a listing or a scan."
         ),
         epilog=(
-            "examples:\n  s3pipes index s3://mnist/train/ --suffix .png\n  s3pipes index s3://bucket/shards/ --shards"
+            "Examples:\n  s3pipes index s3://mnist/train/ --suffix .png\n  s3pipes index s3://bucket/shards/ --shards"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -234,7 +398,7 @@ def _parser() -> argparse.ArgumentParser:
             "under DST/.s3pipes-convert/, and a rerun with the same arguments skips those shards."
         ),
         epilog=(
-            "examples:\n"
+            "Examples:\n"
             "  s3pipes convert s3://raw/mnist/train/ s3://shards/mnist/ --suffix .png --label-from-path 1\n"
             "  s3pipes convert s3://raw/imgs/ s3://shards/imgs/ --maxsize 1GiB --workers 8 --on-error skip\n"
             "  s3pipes convert s3://raw/imgs/ s3://shards/imgs/ --dask tcp://scheduler:8786"
@@ -292,7 +456,11 @@ def _parser() -> argparse.ArgumentParser:
             "no key is in two shards, the totals add up. One line per problem, then a summary; "
             "exit status 1 if there was any problem."
         ),
-        epilog="example: s3pipes verify s3://shards/mnist/",
+        epilog=(
+            "Examples:\n"
+            "  s3pipes verify s3://shards/mnist/\n"
+            "  s3pipes verify s3://shards/mnist/ --manifest s3://shards/mnist.json"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument("url", metavar="URL", help="prefix of the shards")
@@ -303,19 +471,94 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         help="run the embedded local S3 server (SeaweedFS) until Ctrl-C",
         description="Run SeaweedFS's S3 gateway on 127.0.0.1 with generated credentials and print them.",
-        epilog="example: s3pipes serve --bucket data --bucket ckpts --versioned",
+        epilog=(
+            "Examples:\n  s3pipes serve --bucket data --bucket ckpts --versioned\n  s3pipes serve --data-dir ./s3-data"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     serve.add_argument("--versioned", action="store_true", help="turn on versioning for the created buckets")
     serve.add_argument("--data-dir", help="keep data here (default: a temporary dir deleted on exit)")
     serve.set_defaults(run=_cmd_serve)
+
+    ckpt = commands.add_parser(
+        "ckpt",
+        help="list the steps of a checkpoint run, or show one",
+        description="Look at a run written by CheckpointStore: its committed steps, or one step's marker and state.",
+        epilog=(
+            "Examples:\n"
+            "  s3pipes ckpt ls s3://ckpts/project/run\n"
+            "  s3pipes ckpt show s3://ckpts/project/run --step 1000"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{ls,show}")
+    ckpt_ls = ckpt_commands.add_parser(
+        "ls",
+        help="one line per committed step",
+        description=(
+            "One line per committed step: step, kind (torch.save or dcp), size, creation time (UTC) and a "
+            "'latest' mark on the step load() picks; then the uncommitted leftovers of interrupted saves."
+        ),
+        epilog="Examples:\n  s3pipes ckpt ls s3://ckpts/project/run\n  s3pipes ckpt ls file:///tmp/ckpts/run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ckpt_ls.add_argument("url", metavar="URL", help="the run prefix, as given to CheckpointStore")
+    ckpt_ls.set_defaults(run=_cmd_ckpt_ls)
+    ckpt_show = ckpt_commands.add_parser(
+        "show",
+        help="the marker of one step, and its state's top-level keys",
+        description=(
+            "Print the marker of a step (default: the latest), then, for a torch.save step, each top-level "
+            "key of its state with a short description of the value (the payload is read whole and loaded "
+            "with weights_only=True), or, for a dcp step, its files."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  s3pipes ckpt show s3://ckpts/project/run\n"
+            "  s3pipes ckpt show s3://ckpts/project/run --step 1000"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ckpt_show.add_argument("url", metavar="URL", help="the run prefix, as given to CheckpointStore")
+    ckpt_show.add_argument("--step", type=_step, help="a committed step (default: the latest)")
+    ckpt_show.set_defaults(run=_cmd_ckpt_show)
+
+    bench = commands.add_parser(
+        "bench",
+        usage="s3pipes bench [-h] [--quick] NAME [-- ARG ...]",
+        help="run one of the repository's benchmarks (from a clone of the repository)",
+        description=(
+            "Run python -m benchmarks.NAME with this Python, passing --quick and the arguments after '--' "
+            "through; the exit status is the benchmark's. The benchmarks are not installed with the "
+            "library: run this from a clone of the repository."
+        ),
+        epilog=(
+            "Examples:\n"
+            "  s3pipes bench streaming --quick\n"
+            "  s3pipes bench checkpoint -- --mib 64 --repeats 1\n"
+            "  s3pipes bench mapstyle -- --help"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=f"one of: {', '.join(BENCHMARKS)}")
+    bench.add_argument("--quick", action="store_true", help="a small run, to check that it all works")
+    bench.set_defaults(run=_cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in words:  # what follows is the benchmark's (argparse's own "--" handling varies by version)
+        cut = words.index("--")
+        words, extra = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if extra and args.command != "bench":
+        parser.error(f"'-- {' '.join(extra)}': arguments after '--' are for `s3pipes bench` only")
+    args.extra = extra
     try:
         return int(args.run(args))
     except S3PipesError as exc:

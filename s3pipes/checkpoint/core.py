@@ -64,7 +64,7 @@ import logging
 import pickle
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -482,9 +482,12 @@ class CheckpointStore:
                 layout.setdefault(int(match[1]), {})[rest] = int(info.get("size") or 0)
         return layout
 
-    def _committed(self) -> dict[int, dict[str, Any]]:
-        """``{step: marker}`` for every committed step whose payload is there with the recorded size."""
-        layout = self._scan()
+    def _committed(self, layout: dict[int, dict[str, int]] | None = None) -> dict[int, dict[str, Any]]:
+        """``{step: marker}`` for every committed step whose payload is there with the recorded size.
+
+        ``layout`` is a :meth:`_scan` already made; None lists the run here.
+        """
+        layout = self._scan() if layout is None else layout
         steps = sorted(step for step, files in layout.items() if self.MARKER_NAME in files)
         if not steps:
             return {}
@@ -517,6 +520,83 @@ class CheckpointStore:
         if pointed is not None and pointed in committed:
             return pointed
         return max(committed, default=None)
+
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """The marker of every committed step, by step in ascending order (the steps :meth:`steps` lists).
+
+        A marker is the JSON document that commits its step: ``step``, ``payload``, ``size``,
+        ``created`` (Unix time), ``torch`` (the version that saved it), and ``sha256`` for a
+        ``torch.save`` step or ``"kind": "dcp"`` and ``files`` (name -> size) for a sharded one.
+        Costs one listing plus one small GET per step.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-markers/run", store=Store())
+            >>> _ = ckpt.save({"w": torch.zeros(2)}, step=3)
+            >>> {step: marker["payload"] for step, marker in ckpt.markers().items()}
+            {3: 'state.pt'}
+        """
+        return dict(sorted(self._committed().items()))
+
+    def uncommitted(self) -> dict[int, dict[str, int]]:
+        """The step directories that are not committed steps: ``{step: {file name: size}}``, by step.
+
+        These are leftovers of saves killed before their marker (or of a marker whose payload
+        went missing); :meth:`load` ignores them and the next save's retention deletes those
+        below it. Costs one listing plus one small GET per marker found.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-uncommitted/run", store=Store())
+            >>> ckpt.store.write_bytes(ckpt.step_url(5) + "/state.pt", b"half a payload")
+            >>> ckpt.uncommitted()
+            {5: {'state.pt': 14}}
+        """
+        layout = self._scan()
+        committed = self._committed(layout)
+        return {step: files for step, files in sorted(layout.items()) if step not in committed}
+
+    def marker(self, step: int | None = None) -> dict[str, Any]:
+        """The marker of the committed ``step`` (see :meth:`markers`); None for the step :meth:`load` picks.
+
+        Raises:
+            CheckpointNotFound: ``step`` is not committed (the message lists the committed
+                steps), or the run has no committed step at all.
+            ValueError: ``step`` is not an int >= 0.
+            StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-marker/run", store=Store())
+            >>> _ = ckpt.save({"w": torch.zeros(2)}, step=3)
+            >>> ckpt.marker()["step"], ckpt.marker(3)["payload"]
+            (3, 'state.pt')
+        """
+        chosen = self.latest_step() if step is None else _check_step(step)
+        marker = self._read_marker(chosen) if chosen is not None else None
+        if marker is None:
+            url = self.url if step is None else self.step_url(step)
+            raise CheckpointNotFound(url, self.store.endpoint(self.url), step, self.steps())
+        return marker
+
+    def describe(self, step: int | None = None) -> dict[str, str]:
+        """A one-line description of each top-level value of the state saved at ``step`` (default: the latest).
+
+        Tensors show shape and dtype, dicts and lists their length (and the tensors inside),
+        small values themselves. The state is loaded whole, on the CPU, with
+        ``weights_only=True``: this costs as much as :meth:`load`. A state that is not a dict
+        is described under the one key ``"<state>"``.
+
+        Raises:
+            CheckpointNotFound, CorruptCheckpoint, WeightsOnlyRefused, StoreError: as :meth:`load`.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-describe/run", store=Store())
+            >>> _ = ckpt.save({"model": {"w": torch.zeros(2, 3)}, "epoch": 4}, step=1)
+            >>> ckpt.describe()
+            {'model': 'dict of 1 entry: 1 tensor, 6 values', 'epoch': '4'}
+        """
+        state = self.load(step, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):
+            return {"<state>": _describe_value(state)}
+        return {str(key): _describe_value(value) for key, value in state.items()}
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -731,6 +811,35 @@ class CheckpointStore:
                 request["KeyMarker"] = page.get("NextKeyMarker", "")
                 request["VersionIdMarker"] = page.get("NextVersionIdMarker", "")
         return newest_first[::-1]
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    """Every tensor in ``value``, through nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _describe_value(value: object) -> str:
+    """One line about a state value: containers by length and the tensors inside, the rest by preview's describe."""
+    from s3pipes.preview import describe
+
+    if isinstance(value, Mapping):
+        text = f"dict of {len(value)} entr{'y' if len(value) == 1 else 'ies'}"
+    elif isinstance(value, (list, tuple)):
+        text = f"{type(value).__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    else:
+        return describe(value)
+    tensors = list(_tensors(value))
+    if tensors:
+        count, values = len(tensors), sum(tensor.numel() for tensor in tensors)
+        text += f": {count} tensor{'' if count == 1 else 's'}, {values:,} value{'' if values == 1 else 's'}"
+    return text
 
 
 def _read_version(store: Store, url: str, version_id: str) -> bytes:
