@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -148,8 +149,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     root = _benchmarks_root(args.name)
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *([path] if path else [])])}
-    argv = [sys.executable, "-m", f"benchmarks.{args.name}", *(["--quick"] if args.quick else []), *args.extra]
-    return subprocess.run(argv, env=env, check=False).returncode
+    extra = list(args.extra)
+    with tempfile.TemporaryDirectory(prefix="s3pipes-bench-") as scratch:
+        results = os.path.join(scratch, "results.json")
+        if args.plot:
+            extra += ["--json", results]
+        argv = [sys.executable, "-m", f"benchmarks.{args.name}", *(["--quick"] if args.quick else []), *extra]
+        code = subprocess.run(argv, env=env, check=False).returncode
+        if code != 0 or not args.plot:
+            return code
+        plot = [sys.executable, "-m", "benchmarks.plot", results, "--out", args.plot]
+        return subprocess.run(plot, env=env, check=False).returncode
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
@@ -526,7 +536,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench",
-        usage="s3pipes bench [-h] [--quick] NAME [-- ARG ...]",
+        usage="s3pipes bench [-h] [--quick] [--plot PNG] NAME [-- ARG ...]",
         help="run one of the repository's benchmarks (from a clone of the repository)",
         description=(
             "Run python -m benchmarks.NAME with this Python, passing --quick and the arguments after '--' "
@@ -537,12 +547,14 @@ def _parser() -> argparse.ArgumentParser:
             "Examples:\n"
             "  s3pipes bench streaming --quick\n"
             "  s3pipes bench checkpoint -- --mib 64 --repeats 1\n"
-            "  s3pipes bench mapstyle -- --help"
+            "  s3pipes bench mapstyle -- --help\n"
+            "  s3pipes bench convert --quick --plot convert.png   # needs matplotlib: s3pipes[plot]"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_argument("name", choices=BENCHMARKS, metavar="NAME", help=f"one of: {', '.join(BENCHMARKS)}")
     bench.add_argument("--quick", action="store_true", help="a small run, to check that it all works")
+    bench.add_argument("--plot", metavar="PNG", help="also draw the results as a bar chart (needs matplotlib)")
     bench.set_defaults(run=_cmd_bench)
     return parser
 
