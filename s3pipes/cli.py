@@ -47,9 +47,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 def _cmd_head(args: argparse.Namespace) -> int:
     import s3pipes as sp
 
-    # a prefix ends in "/"; a shard, a list or a brace pattern names .tar files; anything else is a prefix
-    url = args.url if args.url.endswith("/") or args.url.endswith(args.suffix) or "{" in args.url else args.url + "/"
-    pipe = sp.webdataset(url, suffix=args.suffix, store=_store(args))
+    if args.spec is not None:
+        pipe: Any = sp.from_spec(args.spec, store=_store(args))
+    else:
+        # a prefix ends in "/"; a shard, a list or a brace pattern names .tar files; anything else is a prefix
+        url = args.url
+        url = url if url.endswith("/") or url.endswith(args.suffix) or "{" in url else url + "/"
+        pipe = sp.webdataset(url, suffix=args.suffix, store=_store(args))
     preview = pipe.decode(args.decode).peek(args.n) if args.decode else pipe.peek(args.n)
     print(preview)
     return 0
@@ -363,11 +367,14 @@ def _parser() -> argparse.ArgumentParser:
             "Examples:\n"
             "  s3pipes head s3://shards/mnist/shard-000000.tar\n"
             "  s3pipes head s3://shards/mnist/ -n 10 --decode\n"
-            "  s3pipes head 's3://shards/imgs/shard-{000000..000003}.tar' --decode numpy"
+            "  s3pipes head 's3://shards/imgs/shard-{000000..000003}.tar' --decode numpy\n"
+            "  s3pipes head --spec pipeline.yaml -n 3     # a pipeline saved with pipe.to_yaml()"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    head.add_argument("url", metavar="URL", help="a shard, a brace pattern of shards, or a prefix")
+    source = head.add_mutually_exclusive_group(required=True)
+    source.add_argument("url", metavar="URL", nargs="?", help="a shard, a brace pattern of shards, or a prefix")
+    source.add_argument("--spec", metavar="YAML", help="instead of URL: run this pipeline spec (YAML or JSON file)")
     head.add_argument("-n", type=_positive, default=5, help="samples to show (default: 5)")
     head.add_argument(
         "--decode",

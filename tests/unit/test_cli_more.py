@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import s3pipes as sp
 from s3pipes import Store
 from s3pipes.checkpoint import CheckpointStore
 from s3pipes.cli import main
@@ -90,6 +91,22 @@ def test_head_of_a_missing_prefix_or_shard_is_one_line(root: str, capsys: pytest
         code, out, err = run(capsys, "head", url)
         assert (code, out) == (1, "")
         assert err.startswith("s3pipes head: error: ") and err.count("\n") == 1 and "nothing" in err
+
+
+def test_head_runs_a_pipeline_spec(root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_shards(f"{root}/shards")
+    pipe = sp.webdataset(f"{root}/shards/", shuffle_seed=3, store=Store()).decode()
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text(pipe.to_yaml())
+    code, out, err = run(capsys, "head", "--spec", str(spec), "-n", "4")
+    assert (code, err) == (0, "")
+    assert table_keys(out) == [sample["__key__"] for sample in pipe.peek(4)]  # the spec's order: shard seed 3
+    assert out.count("4x3 RGB") == 4  # its decode stage ran
+
+
+def test_head_takes_a_url_or_a_spec_not_both_nor_neither(root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert usage(capsys, "head")[0] == 2
+    assert usage(capsys, "head", f"{root}/shards/", "--spec", "p.yaml")[0] == 2
 
 
 # -- ckpt ----------------------------------------------------------------------------------------
