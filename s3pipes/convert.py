@@ -210,6 +210,16 @@ def convert(
     Raises:
         SourceError: (``on_error="raise"``) an input could not be read or converted.
         StoreError: the store refused (``BucketNotFound``, ``AccessDenied``, ...).
+
+    Example:
+        >>> store = Store()
+        >>> for label, name in [(0, "a"), (1, "b"), (1, "c")]:
+        ...     store.write_bytes(f"memory://doc-convert/raw/{label}/{name}.txt", name.encode())
+        >>> source = ObjectSamples("memory://doc-convert/raw/", label_from_path=1, store=store)
+        >>> result = convert(source, "memory://doc-convert/out/{shard}.tar", "memory://doc-convert/raw/",
+        ...                  maxcount=2, store=store, progress=False)
+        >>> [(shard.name, shard.samples, shard.first_key) for shard in result.shards], result.samples
+        ([('0.tar', 2, '0/a'), ('1.tar', 1, '1/c')], 3)
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"{on_error=} must be 'raise' or 'skip'")

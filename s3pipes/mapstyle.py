@@ -38,6 +38,13 @@ class ObjectReader(io.BytesIO):
     Attributes:
         url: the object's URL.
         key: its key in the bucket (for S3) or its path, e.g. ``"mnist/train/3/00042.png"``.
+
+    Example:
+        >>> store = Store()
+        >>> store.write_bytes("memory://doc-reader/3/a.txt", b"hello")
+        >>> head = lambda reader: (reader.key, reader.read(2))
+        >>> MapDataset.from_objects(["memory://doc-reader/3/a.txt"], transform=head, store=store)[0]
+        ('/doc-reader/3/a.txt', b'he')
     """
 
     def __init__(self, url: str, key: str, data: bytes) -> None:
@@ -63,6 +70,14 @@ class MapDataset(Dataset[Item], Generic[Item]):
 
     Build it with :meth:`from_prefix`, :meth:`from_objects` or :meth:`from_shards`.
     Items are ordered by key, so index ``i`` means the same item in every process.
+
+    Example:
+        >>> store = Store()
+        >>> for i in range(3):
+        ...     store.write_bytes(f"memory://doc-mapdataset/{i}.txt", f"item {i}".encode())
+        >>> ds = MapDataset.from_prefix("memory://doc-mapdataset/", transform=lambda r: r.read().decode(), store=store)
+        >>> len(ds), ds[1], ds.__getitems__([2, 0])
+        (3, 'item 1', ['item 2', 'item 0'])
     """
 
     def __init__(
@@ -90,7 +105,17 @@ class MapDataset(Dataset[Item], Generic[Item]):
         store: Store | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> MapDataset[Item]:
-        """One item per object URL, sorted. ``transform`` gets an :class:`ObjectReader` (default: its bytes)."""
+        """One item per object URL, sorted. ``transform`` gets an :class:`ObjectReader` (default: its bytes).
+
+        Example:
+            >>> store = Store()
+            >>> urls = ["memory://doc-from-objects/b", "memory://doc-from-objects/a"]
+            >>> for url in urls:
+            ...     store.write_bytes(url, url[-1].upper().encode())
+            >>> ds = MapDataset.from_objects(urls, store=store)
+            >>> ds[0], ds[1]
+            (b'A', b'B')
+        """
         return cls(store or Store.from_env(), sorted(urls), transform=transform, concurrency=concurrency)
 
     @classmethod
@@ -143,6 +168,18 @@ class MapDataset(Dataset[Item], Generic[Item]):
 
         Raises:
             StaleIndex: a shard changed since the index was written.
+
+        Example:
+            >>> import io, webdataset as wds
+            >>> buffer = io.BytesIO()
+            >>> with wds.TarWriter(buffer) as tar:
+            ...     for i in range(2):
+            ...         _ = tar.write({"__key__": f"k{i}", "txt": f"sample {i}".encode()})
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-from-shards/shard-0.tar", buffer.getvalue())
+            >>> ds = MapDataset.from_shards("memory://doc-from-shards/", store=store)
+            >>> len(ds), ds[1]["__key__"], ds[1]["txt"]
+            (2, 'k1', b'sample 1')
         """
         store = store or Store.from_env()
         index = ShardIndex.load(store, prefix, suffix=suffix)

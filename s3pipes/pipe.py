@@ -82,6 +82,18 @@ class Pipe(IterableDataset[T], Generic[T]):
     Iteration order is deterministic given the seeds, the epoch (:meth:`set_epoch`) and
     the consumer. ``state_dict()`` after any item, loaded into a fresh Pipe built the same
     way, yields exactly the remaining items, in the same order.
+
+    Example:
+        >>> import io, webdataset as wds
+        >>> buffer = io.BytesIO()
+        >>> with wds.TarWriter(buffer) as tar:
+        ...     for i in range(2):
+        ...         _ = tar.write({"__key__": f"k{i}", "txt": f"sample {i}".encode()})
+        >>> store = Store()
+        >>> store.write_bytes("memory://doc-pipe/shard-0.tar", buffer.getvalue())
+        >>> pipe = from_urls("memory://doc-pipe/shard-0.tar", store=store).open_object().untar().group_by_key()
+        >>> [(sample["__key__"], sample["txt"]) for sample in pipe]
+        [('k0', b'sample 0'), ('k1', b'sample 1')]
     """
 
     STATE_VERSION = 1
@@ -102,7 +114,13 @@ class Pipe(IterableDataset[T], Generic[T]):
         return self._plan.urls
 
     def shuffle_shards(self, seed: int = 0) -> Pipe[T]:
-        """Shuffle the shard order each epoch: a pure function of ``(seed, epoch)``."""
+        """Shuffle the shard order each epoch: a pure function of ``(seed, epoch)``.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-shuffle-shards/{0..4}.tar", store=Store()).shuffle_shards(seed=1)
+            >>> [url[-5:] for url in pipe]
+            ['3.tar', '4.tar', '2.tar', '1.tar', '0.tar']
+        """
         if self._steps:
             raise ValueError("shuffle_shards() must come before open_object(): it orders shards, not samples")
         return Pipe(self._plan.shuffled(seed), self._store, (), epoch=self._epoch)
@@ -115,21 +133,61 @@ class Pipe(IterableDataset[T], Generic[T]):
         return Pipe(self._plan, self._store, (*self._steps, (cls, kwargs)), epoch=self._epoch)
 
     def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Pipe[Any]:
-        """URL -> a lazily opened stream (``.url``, ``.read()``, ``.seek()``)."""
+        """URL -> a lazily opened stream (``.url``, ``.read()``, ``.seek()``).
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-open-object/a.txt", b"hello")
+            >>> [(f.url, f.read()) for f in from_urls("memory://doc-open-object/a.txt", store=store).open_object()]
+            [('memory://doc-open-object/a.txt', b'hello')]
+        """
         return self._then(OpenObject, block_size=block_size)
 
     def untar(self) -> Pipe[Any]:
-        """Stream -> tar members (``.url``, ``.name``, ``.data``, ``.offset``), streaming."""
+        """Stream -> tar members (``.url``, ``.name``, ``.data``, ``.offset``), streaming.
+
+        Example:
+            >>> import io, webdataset as wds
+            >>> buffer = io.BytesIO()
+            >>> with wds.TarWriter(buffer) as tar:
+            ...     _ = tar.write({"__key__": "k0", "txt": b"a cat", "cls": b"3"})
+            >>> Store().write_bytes("memory://doc-untar/shard-0.tar", buffer.getvalue())
+            >>> pipe = from_urls("memory://doc-untar/shard-0.tar", store=Store()).open_object().untar()
+            >>> [(member.name, member.data) for member in pipe]
+            [('k0.cls', b'3'), ('k0.txt', b'a cat')]
+        """
         return self._then(Untar)
 
     def group_by_key(self) -> Pipe[Sample]:
-        """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``."""
+        """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``.
+
+        Example:
+            >>> import io, webdataset as wds
+            >>> buffer = io.BytesIO()
+            >>> with wds.TarWriter(buffer) as tar:
+            ...     _ = tar.write({"__key__": "k0", "txt": b"a cat", "cls": b"3"})
+            >>> Store().write_bytes("memory://doc-group/shard-0.tar", buffer.getvalue())
+            >>> pipe = from_urls("memory://doc-group/shard-0.tar", store=Store()).open_object().untar().group_by_key()
+            >>> next(iter(pipe))
+            {'__key__': 'k0', '__url__': 'memory://doc-group/shard-0.tar', 'cls': b'3', 'txt': b'a cat'}
+        """
         return self._then(GroupByKey)
 
     def decode(self, image: str = "pil", *, workers: int = 0, **options: Any) -> Pipe[Sample]:
         """Decode fields by extension (:class:`s3pipes.decode.Decoder` has the choices).
 
         ``workers`` > 0 decodes on that many threads (Pillow releases the GIL), in order.
+
+        Example:
+            >>> import io, webdataset as wds
+            >>> buffer = io.BytesIO()
+            >>> with wds.TarWriter(buffer) as tar:
+            ...     _ = tar.write({"__key__": "k0", "txt": b"a cat", "cls": b"3", "json": b'{"w": 2}'})
+            >>> Store().write_bytes("memory://doc-decode/shard-0.tar", buffer.getvalue())
+            >>> pipe = from_urls("memory://doc-decode/shard-0.tar", store=Store()).open_object().untar().group_by_key()
+            >>> sample = next(iter(pipe.decode()))
+            >>> sample["cls"], sample["txt"], sample["json"]
+            (3, 'a cat', {'w': 2})
         """
         from s3pipes.decode import Decoder
 
@@ -137,17 +195,35 @@ class Pipe(IterableDataset[T], Generic[T]):
         return self.map(decoder, workers=workers)
 
     def map(self, fn: Callable[[T], U], *, workers: int = 0) -> Pipe[U]:
-        """Apply ``fn`` to every item; on ``workers`` threads, in order, if > 0."""
+        """Apply ``fn`` to every item; on ``workers`` threads, in order, if > 0.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-pipe-map/{0..2}.txt", store=Store())
+            >>> list(pipe.map(lambda url: url.rsplit("/", 1)[1]))
+            ['0.txt', '1.txt', '2.txt']
+        """
         if workers:
             return self._then(ParallelMap, fn=fn, workers=workers)
         return self._then(Map, fn=fn)
 
     def filter(self, predicate: Callable[[T], bool]) -> Pipe[T]:
-        """Keep the items for which ``predicate`` is true."""
+        """Keep the items for which ``predicate`` is true.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-filter/{0..3}.txt", store=Store())
+            >>> list(pipe.filter(lambda url: url.endswith(("1.txt", "3.txt"))))
+            ['memory://doc-filter/1.txt', 'memory://doc-filter/3.txt']
+        """
         return self._then(Filter, predicate=predicate)
 
     def shuffle(self, buffer_size: int, *, seed: int = 0) -> Pipe[T]:
-        """Shuffle items through a buffer; resumable (the state holds the buffer)."""
+        """Shuffle items through a buffer; resumable (the state holds the buffer).
+
+        Example:
+            >>> pipe = from_urls("memory://doc-shuffle/{0..5}", store=Store()).map(lambda url: int(url[-1]))
+            >>> list(pipe.shuffle(buffer_size=3, seed=5))
+            [1, 0, 4, 3, 5, 2]
+        """
         return self._then(ShuffleBuffer, buffer_size=buffer_size, seed=seed)
 
     def batch(
@@ -157,7 +233,15 @@ class Pipe(IterableDataset[T], Generic[T]):
         collate: Callable[[list[T]], Any] | None = default_collate,
         drop_last: bool = False,
     ) -> Pipe[Any]:
-        """Group ``batch_size`` items and collate them (``collate=None`` gives lists)."""
+        """Group ``batch_size`` items and collate them (``collate=None`` gives lists).
+
+        Example:
+            >>> pipe = from_urls("memory://doc-batch/{0..4}", store=Store()).map(lambda url: int(url[-1]))
+            >>> list(pipe.batch(2))
+            [tensor([0, 1]), tensor([2, 3]), tensor([4])]
+            >>> list(pipe.batch(2, collate=None, drop_last=True))
+            [[0, 1], [2, 3]]
+        """
         return self._then(Batch, batch_size=batch_size, collate=collate, drop_last=drop_last)
 
     def checkpoint(
@@ -168,6 +252,14 @@ class Pipe(IterableDataset[T], Generic[T]):
         Each save is ``store.save({**state(), "data": <this pipe's state_dict()>}, step=<items so far>)``; resume
         with ``pipe.load_state_dict(store.load()["data"])``. It saves from the iterating process, never from a
         DataLoader worker (use ``num_workers=0``). :class:`~s3pipes.stages.sink.CheckpointSink` has the details.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-pipe-checkpoint/run", store=Store())
+            >>> pipe = from_urls("memory://doc-pipe-checkpoint/{0..4}", store=Store()).map(lambda url: int(url[-1]))
+            >>> list(pipe.checkpoint(ckpt, every=2, state=lambda: {"lr": 0.1}))
+            [0, 1, 2, 3, 4]
+            >>> ckpt.steps(), ckpt.load()["lr"]
+            ([2, 4, 5], 0.1)
         """
         return self._then(CheckpointSink, store=store, every=every, state=state)
 
@@ -187,6 +279,13 @@ class Pipe(IterableDataset[T], Generic[T]):
         whole (:class:`~s3pipes.writer.ShardWriter`); ``shards.s3pipes.json`` next to them is
         written last. It runs here, in this process: :func:`s3pipes.convert` splits a
         conversion over an executor and resumes a killed one.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-write-shards/in/{0..2}", store=Store())
+            >>> samples = pipe.map(lambda url: {"__key__": url[-1], "txt": url})
+            >>> result = samples.write_shards("memory://doc-write-shards/out/{shard}.tar", maxcount=2, progress=False)
+            >>> [(shard.name, shard.samples) for shard in result.shards], result.manifest
+            ([('0.tar', 2), ('1.tar', 1)], 'memory://doc-write-shards/out/shards.s3pipes.json')
         """
         started = time.perf_counter()
         writer = ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, store=self._store, start_shard=start_shard)
@@ -266,13 +365,33 @@ class Pipe(IterableDataset[T], Generic[T]):
 
         Raises:
             ConfigError: a stage holds a lambda, a local function or another callable without an import path.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-to-spec/{0..1}.tar", store=Store()).open_object().untar()
+            >>> spec = pipe.to_spec()
+            >>> spec["source"]
+            {'urls': ['memory://doc-to-spec/0.tar', 'memory://doc-to-spec/1.tar']}
+            >>> spec["stages"]
+            [{'stage': 'open_object', 'block_size': 8388608}, {'stage': 'untar'}]
         """
         from s3pipes.spec import to_spec
 
         return to_spec(self)
 
     def to_yaml(self) -> str:
-        """:meth:`to_spec` as YAML text."""
+        """:meth:`to_spec` as YAML text.
+
+        Example:
+            >>> print(from_urls("memory://doc-to-yaml/0.tar", store=Store()).open_object().to_yaml(), end="")
+            version: 1
+            source:
+              urls:
+              - memory://doc-to-yaml/0.tar
+            shuffle_shards: null
+            stages:
+            - stage: open_object
+              block_size: 8388608
+        """
         from s3pipes.spec import to_yaml
 
         return to_yaml(self.to_spec())
@@ -282,6 +401,14 @@ class Pipe(IterableDataset[T], Generic[T]):
 
         ``state_dict()`` records it, and ``load_state_dict()`` refuses a state of another fingerprint.
         Thread counts and block sizes do not change it; :mod:`s3pipes.spec` has the rule.
+
+        Example:
+            >>> urls = from_urls("memory://doc-fingerprint/{0..1}.tar", store=Store())
+            >>> pipe, small_blocks = urls.open_object(), urls.open_object(block_size=1024)
+            >>> len(pipe.spec_fingerprint()), pipe.spec_fingerprint() == small_blocks.spec_fingerprint()
+            (16, True)
+            >>> print(pipe.map(lambda stream: stream.url).spec_fingerprint())
+            None
         """
         if self._fingerprint is None:
             from s3pipes.spec import spec_fingerprint, to_spec
@@ -295,13 +422,30 @@ class Pipe(IterableDataset[T], Generic[T]):
     # -- epochs and state ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the shard and sample order. A loaded state of another epoch is dropped."""
+        """Use ``epoch`` for the shard and sample order. A loaded state of another epoch is dropped.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-set-epoch/{0..4}.tar", store=Store()).shuffle_shards(seed=1)
+            >>> pipe.set_epoch(1)
+            >>> [url[-5:] for url in pipe]
+            ['4.tar', '3.tar', '0.tar', '1.tar', '2.tar']
+        """
         self._epoch = int(epoch)
         if self._pending is not None and self._pending["epoch"] != self._epoch:
             self._pending = None
 
     def state_dict(self) -> StateDict:
-        """The position after the last item yielded (or the loaded one, before iterating)."""
+        """The position after the last item yielded (or the loaded one, before iterating).
+
+        Example:
+            >>> pipe = from_urls("memory://doc-state-dict/{0..3}", store=Store()).map(lambda url: int(url[-1]))
+            >>> items = iter(pipe)
+            >>> next(items), next(items)
+            (0, 1)
+            >>> state = pipe.state_dict()
+            >>> state["epoch"], list(items)
+            (0, [2, 3])
+        """
         if self._pending is not None:
             return self._pending
         if self._live is not None:
@@ -315,6 +459,18 @@ class Pipe(IterableDataset[T], Generic[T]):
         Raises:
             ValueError: not a Pipe state dict, or one saved by a pipeline of another :meth:`spec_fingerprint`
                 (a state without one, or a pipe without one, is not checked).
+
+        Example:
+            >>> def build():
+            ...     return from_urls("memory://doc-load-state/{0..3}", store=Store()).map(lambda url: int(url[-1]))
+            >>> pipe = build()
+            >>> items = iter(pipe)
+            >>> next(items)
+            0
+            >>> resumed = build()
+            >>> resumed.load_state_dict(pipe.state_dict())
+            >>> list(resumed)
+            [1, 2, 3]
         """
         if state.get("version") != self.STATE_VERSION or "node" not in state:
             raise ValueError(f"not an s3pipes Pipe state dict (keys {sorted(state)})")

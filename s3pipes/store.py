@@ -271,7 +271,14 @@ class Store:
         return protocol or "file"
 
     def filesystem(self, url: str) -> fsspec.AbstractFileSystem:
-        """The filesystem for ``url``'s protocol, built once in this process."""
+        """The filesystem for ``url``'s protocol, built once in this process.
+
+        Example:
+            >>> store = Store()
+            >>> fs = store.filesystem("memory://doc-fs/a")
+            >>> type(fs).__name__, store.filesystem("memory://doc-fs/b") is fs
+            ('MemoryFileSystem', True)
+        """
         protocol = self._protocol(url)
         if self._pid != os.getpid():
             self._after_fork()
@@ -352,6 +359,10 @@ class Store:
         Secrets: ``secret``/``token``/``password`` options (also inside ``client_kwargs``)
         and credentials written into the endpoint URL. Values shorter than 4 characters
         are not replaced (they would mangle ordinary words); do not use such secrets.
+
+        Example:
+            >>> Store({"secret": "hunter22"}).redact("signing with hunter22 failed")
+            'signing with *** failed'
         """
         secrets: list[str] = []
         for options in (self._s3, self._explicit, self._s3.get("client_kwargs", {})):
@@ -370,6 +381,16 @@ class Store:
 
         The one boundary: every Store method runs its I/O inside it, and stages that
         use a filesystem directly wrap their calls in it.
+
+        Example:
+            >>> store = Store()
+            >>> fs, path = store.resolve("memory://doc-errors/missing")
+            >>> try:
+            ...     with store.errors("memory://doc-errors/missing"):
+            ...         fs.cat_file(path)  # raises the builtin FileNotFoundError
+            ... except errors.ObjectNotFound as exc:
+            ...     print(type(exc).__name__, isinstance(exc, FileNotFoundError))
+            ObjectNotFound True
         """
         try:
             yield
@@ -404,6 +425,14 @@ class Store:
         inside a ``with`` block that raises, it is discarded and an existing object of
         that name is left as it was. Other modes (append, exclusive, update) are refused:
         object stores replace objects whole.
+
+        Example:
+            >>> store = Store()
+            >>> with store.open("memory://doc-open/a.txt", "wb") as f:
+            ...     _ = f.write(b"hello")
+            >>> with store.open("memory://doc-open/a.txt") as f:
+            ...     f.read(4)
+            b'hell'
         """
         if mode not in _READ_MODES + _WRITE_MODES:
             raise ValueError(f"{mode=} is not supported for {url}: use 'rb' to read or 'wb' to replace the object")
@@ -422,7 +451,14 @@ class Store:
         return cast(IO[bytes], StoreFile(handle, self, url, commit=writing))
 
     def read_bytes(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
-        """The object's bytes (``[start, end)`` when given)."""
+        """The object's bytes (``[start, end)`` when given).
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-read-bytes/a", b"0123456789")
+            >>> store.read_bytes("memory://doc-read-bytes/a", 2, 5)
+            b'234'
+        """
         fs, path = self.resolve(url)
         with self.errors(url):
             return bytes(fs.cat_file(path, start=start, end=end))
@@ -494,19 +530,41 @@ class Store:
         return self._getter
 
     def write_bytes(self, url: str, data: bytes) -> None:
-        """Write ``data`` as the whole object at ``url``."""
+        """Write ``data`` as the whole object at ``url``.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-write-bytes/a", b"first")
+            >>> store.write_bytes("memory://doc-write-bytes/a", b"second")
+            >>> store.read_bytes("memory://doc-write-bytes/a")
+            b'second'
+        """
         fs, path = self.resolve(url)
         with self.errors(url):
             fs.pipe_file(path, data)
 
     def info(self, url: str) -> dict[str, Any]:
-        """Metadata of one object (``size``, and for S3 ``ETag``, ``LastModified``, ...)."""
+        """Metadata of one object (``size``, and for S3 ``ETag``, ``LastModified``, ...).
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-info/a", b"12345")
+            >>> store.info("memory://doc-info/a")["size"]
+            5
+        """
         fs, path = self.resolve(url)
         with self.errors(url):
             return dict(fs.info(path))
 
     def exists(self, url: str) -> bool:
-        """Whether ``url`` exists; a missing bucket is an error, not False."""
+        """Whether ``url`` exists; a missing bucket is an error, not False.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-exists/a", b"")
+            >>> store.exists("memory://doc-exists/a"), store.exists("memory://doc-exists/b")
+            (True, False)
+        """
         try:
             self.info(url)
         except errors.ObjectNotFound:
@@ -532,6 +590,13 @@ class Store:
         subdirectory per request stream, concurrently: listing pages are sequential
         within a prefix, so this divides the wall time by up to their number. From a
         path-style endpoint the pages go through the low-CPU path of :mod:`s3pipes._fastget`.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-list-info/b.tar", b"123")
+            >>> store.write_bytes("memory://doc-list-info/a.tar", b"1")
+            >>> {url: info["size"] for url, info in store.list_info("memory://doc-list-info/").items()}
+            {'memory://doc-list-info/a.tar': 1, 'memory://doc-list-info/b.tar': 3}
         """
         fs, path = self.resolve(prefix)
         getter = self._fast_getter(prefix)
@@ -569,7 +634,15 @@ class Store:
         return found
 
     def delete(self, url: str) -> None:
-        """Delete one object."""
+        """Delete one object.
+
+        Example:
+            >>> store = Store()
+            >>> store.write_bytes("memory://doc-delete/a", b"x")
+            >>> store.delete("memory://doc-delete/a")
+            >>> store.exists("memory://doc-delete/a")
+            False
+        """
         fs, path = self.resolve(url)
         with self.errors(url):
             fs.rm_file(path)

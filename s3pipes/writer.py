@@ -49,7 +49,13 @@ _FORMAT = "s3pipes.shards/1"
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One written shard: its name (relative to the manifest), samples, bytes, first and last ``__key__``."""
+    """One written shard: its name (relative to the manifest), samples, bytes, first and last ``__key__``.
+
+    Example:
+        >>> writer = ShardWriter("memory://doc-shard-info/{shard}.tar", store=Store())
+        >>> writer.write_all([{"__key__": "a", "txt": "x"}, {"__key__": "b", "txt": "y"}])
+        [ShardInfo(name='0.tar', samples=2, bytes=10240, first_key='a', last_key='b')]
+    """
 
     name: str
     samples: int
@@ -60,7 +66,17 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class ConvertResult:
-    """What a conversion or ``write_shards`` wrote (shards), left out (skipped), took from an earlier run (resumed)."""
+    """What a conversion or ``write_shards`` wrote (shards), left out (skipped), took from an earlier run (resumed).
+
+    ``samples`` and ``bytes`` are the totals over ``shards``.
+
+    Example:
+        >>> result = ConvertResult([ShardInfo("0.tar", 2, 10240, "a", "b")], [], 0, 0.5, "memory://x/shards.s3pipes.json")
+        >>> result.samples, result.bytes
+        (2, 10240)
+        >>> result
+        ConvertResult(1 shards, 2 samples, 0.0 MB, 0 skipped, 0 shards from an earlier run, 0.5 s, 4 samples/s)
+    """
 
     shards: list[ShardInfo]
     skipped: list[dict[str, str]]
@@ -188,7 +204,18 @@ class ShardWriter:
         return self._url
 
     def write(self, sample: Mapping[str, Any]) -> None:
-        """Add ``sample`` to the current shard, starting the next one first if this one is full."""
+        """Add ``sample`` to the current shard, starting the next one first if this one is full.
+
+        Example:
+            >>> writer = ShardWriter("memory://doc-shard-write/{shard}.tar", maxcount=1, store=Store())
+            >>> writer.write({"__key__": "a", "txt": "x"})
+            >>> writer.url, writer.shards
+            ('memory://doc-shard-write/0.tar', [])
+            >>> writer.write({"__key__": "b", "txt": "y"})  # shard 0 is full: it is published, shard 1 begins
+            >>> writer.url, [shard.name for shard in writer.shards]
+            ('memory://doc-shard-write/1.tar', ['0.tar'])
+            >>> writer.discard()
+        """
         key = sample.get("__key__")
         if not isinstance(key, str) or not key:
             raise ValueError(f"a sample needs a non-empty str '__key__', got {key!r} (fields: {sorted(sample)})")
@@ -203,7 +230,14 @@ class ShardWriter:
         self._last = key
 
     def write_all(self, samples: Iterable[Mapping[str, Any]]) -> list[ShardInfo]:
-        """Write every sample, close, and return the shards (the writer is done after this)."""
+        """Write every sample, close, and return the shards (the writer is done after this).
+
+        Example:
+            >>> writer = ShardWriter("memory://doc-write-all/{shard}.tar", maxcount=2, store=Store())
+            >>> shards = writer.write_all({"__key__": f"k{i}", "cls": i} for i in range(5))
+            >>> [(shard.name, shard.first_key, shard.last_key) for shard in shards]
+            [('0.tar', 'k0', 'k1'), ('1.tar', 'k2', 'k3'), ('2.tar', 'k4', 'k4')]
+        """
         with self:
             for sample in samples:
                 self.write(sample)
@@ -233,13 +267,30 @@ class ShardWriter:
         self._url = ""
 
     def close(self) -> list[ShardInfo]:
-        """Publish the shard being filled (if any sample went into it); the shards written."""
+        """Publish the shard being filled (if any sample went into it); the shards written.
+
+        Example:
+            >>> store = Store()
+            >>> writer = ShardWriter("memory://doc-shard-close/{shard}.tar", store=store)
+            >>> writer.write({"__key__": "a", "txt": "x"})
+            >>> [shard.name for shard in writer.close()], store.exists("memory://doc-shard-close/0.tar")
+            (['0.tar'], True)
+        """
         if self._tar is not None:
             self._close_shard()
         return self.shards
 
     def discard(self) -> None:
-        """Drop the shard being filled: nothing of it is published. Closed shards stay."""
+        """Drop the shard being filled: nothing of it is published. Closed shards stay.
+
+        Example:
+            >>> store = Store()
+            >>> writer = ShardWriter("memory://doc-shard-discard/{shard}.tar", store=store)
+            >>> writer.write({"__key__": "a", "txt": "x"})
+            >>> writer.discard()
+            >>> writer.shards, store.exists("memory://doc-shard-discard/0.tar")
+            ([], False)
+        """
         if self._counting is not None:
             self._counting.discarded = True  # tarfile flushes its buffer when collected: not into this upload
         if self._file is not None:

@@ -220,7 +220,12 @@ class CheckpointStore:
     # -- names ----------------------------------------------------------------------------------
 
     def step_url(self, step: int) -> str:
-        """The directory of ``step``: ``<run>/step-000000123``."""
+        """The directory of ``step``: ``<run>/step-000000123``.
+
+        Example:
+            >>> CheckpointStore("memory://doc-step-url/run", store=Store()).step_url(123)
+            'memory://doc-step-url/run/step-000000123'
+        """
         return f"{self.url}/{self.STEP_FORMAT.format(_check_step(step))}"
 
     def object_url(self, name: str) -> str:
@@ -229,6 +234,15 @@ class CheckpointStore:
         Raises:
             ValueError: ``name`` is absolute, has empty/``.``/``..`` parts, or is one of the
                 names the step layout owns (``latest.json``, ``step-*``).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-object-url/run", store=Store())
+            >>> ckpt.object_url("models/model.pt")
+            'memory://doc-object-url/run/models/model.pt'
+            >>> ckpt.object_url("latest.json")
+            Traceback (most recent call last):
+            ...
+            ValueError: name='latest.json' is reserved for the step layout (latest.json, step-*/); pick another
         """
         parts = name.split("/") if isinstance(name, str) else [""]
         if any(part in ("", ".", "..") for part in parts):
@@ -256,6 +270,15 @@ class CheckpointStore:
             ValueError: neither or both of ``step`` and ``key``.
             StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...);
                 nothing is committed then.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-save/run", store=Store())
+            >>> ckpt.save({"w": torch.ones(2)}, step=10)
+            'memory://doc-save/run/step-000000010/state.pt'
+            >>> ckpt.save({"w": torch.ones(2)}, key="model.pt")
+            'memory://doc-save/run/model.pt'
+            >>> ckpt.steps()
+            [10]
         """
         if (step is None) == (key is None):
             raise ValueError(
@@ -403,6 +426,21 @@ class CheckpointStore:
             CorruptCheckpoint: a file of the step is missing or does not match its marker.
             WeightsOnlyRefused: the step holds objects ``weights_only=True`` does not allow.
             StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-load-sharded/run", store=Store())
+            >>> for step in (1, 2):
+            ...     _ = ckpt.save_sharded({"w": torch.full((2,), float(step))}, step=step)
+            >>> state = {"w": torch.zeros(2)}
+            >>> ckpt.load_sharded(state, step=1), state["w"].tolist()
+            (1, [1.0, 1.0])
+
+            In one process, without a process group, as here. Under ``torchrun`` every rank
+            makes the same call with its own (DTensor) ``state_dict``; that needs several processes,
+            so it is not run here::
+
+                model_state = {"model": get_model_state_dict(model)}  # DTensors sharded by FSDP
+                step = ckpt.load_sharded(model_state)                 # each rank reads its own shards
         """
         if step is not None:
             _check_step(step)
@@ -514,7 +552,17 @@ class CheckpointStore:
         return sorted(self._committed())
 
     def latest_step(self) -> int | None:
-        """The step ``load()`` returns (the pointer's, if committed; else the highest committed), or None."""
+        """The step ``load()`` returns (the pointer's, if committed; else the highest committed), or None.
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-latest-step/run", store=Store())
+            >>> print(ckpt.latest_step())
+            None
+            >>> for step in (5, 9):
+            ...     _ = ckpt.save({"step": step}, step=step)
+            >>> ckpt.latest_step()
+            9
+        """
         pointed = self._read_latest()
         committed = self._committed()
         if pointed is not None and pointed in committed:
@@ -625,6 +673,16 @@ class CheckpointStore:
                 committed step (when loading the latest) has a readable payload.
             WeightsOnlyRefused: the payload holds objects ``weights_only=True`` does not allow.
             StoreError: the store refused (``BucketNotFound``, ``CredentialsRejected``, ...).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-load/run", store=Store())
+            >>> for step in (1, 2):
+            ...     _ = ckpt.save({"epoch": step, "w": torch.full((2,), float(step))}, step=step)
+            >>> ckpt.load()["epoch"], ckpt.load(1)["w"].tolist()
+            (2, [1.0, 1.0])
+            >>> _ = ckpt.save({"best": 0.9}, key="best.pt")
+            >>> ckpt.load(key="best.pt")
+            {'best': 0.9}
         """
         if key is not None:
             if step is not None:
@@ -755,6 +813,13 @@ class CheckpointStore:
         Raises:
             ObjectNotFound, BucketNotFound, CredentialsRejected, ...: as the Store raises them.
             CorruptCheckpoint: not a torch.save file. WeightsOnlyRefused: see :meth:`load`.
+
+        Example:
+            >>> store = Store()
+            >>> with store.open("memory://doc-load-url/model.pt", "wb") as f:
+            ...     torch.save({"w": torch.arange(3)}, f)
+            >>> CheckpointStore.load_url("memory://doc-load-url/model.pt", store=store)["w"].tolist()
+            [0, 1, 2]
         """
         store = store if store is not None else Store.from_env()
         if version_id is not None:
@@ -778,7 +843,16 @@ class CheckpointStore:
         return open_upload(self.store, self.object_url(name))
 
     def reader(self, name: str) -> IO[bytes]:
-        """A seekable file reading ``<run>/<name>`` (what ``torch.load`` takes)."""
+        """A seekable file reading ``<run>/<name>`` (what ``torch.load`` takes).
+
+        Example:
+            >>> ckpt = CheckpointStore("memory://doc-ckpt-reader/run", store=Store())
+            >>> ckpt.store.write_bytes(ckpt.object_url("notes.txt"), b"lr=0.1")
+            >>> with ckpt.reader("notes.txt") as f:
+            ...     _ = f.seek(3)
+            ...     f.read()
+            b'0.1'
+        """
         url = self.object_url(name)
         return self.store.open(url, "rb")
 
@@ -790,6 +864,14 @@ class CheckpointStore:
         Raises:
             ConfigError: the run is not on S3 (other stores keep one version).
             StoreError: ``BucketNotFound``, ``CredentialsRejected``, ...
+
+        Example (not run: it needs an S3 bucket with versioning enabled)::
+
+            ckpt = CheckpointStore("s3://ckpts/run", store=Store.from_env())
+            for epoch in range(3):
+                ckpt.save({"epoch": epoch}, key="model.pt")      # each save is kept as a version
+            first = ckpt.versions("model.pt")[0]                 # ObjectVersion(url, version_id, size, ...)
+            ckpt.load(key="model.pt", version_id=first.version_id)["epoch"]   # -> 0
         """
         url = self.object_url(name)
         fs, path = self.store.resolve(url)

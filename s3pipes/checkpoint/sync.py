@@ -71,6 +71,12 @@ class SyncResult:
         uploaded, uploaded_bytes: new or changed files uploaded (a file uploaded twice counts twice).
         unchanged: files found in the store as they are locally, at the last pass.
         skipped: files deleted locally before they could be uploaded (each logged).
+
+    Example:
+        >>> first = SyncResult(uploaded=2, uploaded_bytes=1000, unchanged=5)
+        >>> later = SyncResult(uploaded=1, uploaded_bytes=24, unchanged=7)
+        >>> first + later  # totals, with the later pass's unchanged
+        SyncResult(restored=0 (0 B), uploaded=3 (1.0 KiB), unchanged=7, skipped=0)
     """
 
     restored: int = 0
@@ -486,6 +492,19 @@ class CheckpointWatcher:
         As :func:`sync_checkpoints`, for the first pass. A store that cannot be reached during a
         poll is retried at the next one; any other error ends the polling (logged at once) and is
         raised by :meth:`stop`.
+
+    Example:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> watcher = CheckpointWatcher(tmp.name, "memory://doc-watcher/run", store=Store(), progress=False)
+        >>> watcher.running
+        True
+        >>> _ = Path(tmp.name, "step-1.pt").write_bytes(b"weights")
+        >>> watcher.stop()
+        SyncResult(restored=0 (0 B), uploaded=1 (7 B), unchanged=0, skipped=0)
+        >>> watcher.running, Store().read_bytes("memory://doc-watcher/run/step-1.pt")
+        (False, b'weights')
+        >>> tmp.cleanup()
     """
 
     def __init__(
@@ -550,6 +569,17 @@ class CheckpointWatcher:
 
         Raises:
             StoreError: the error that ended the polling, or one of this final pass.
+
+        Example:
+            >>> import tempfile
+            >>> tmp = tempfile.TemporaryDirectory()
+            >>> watcher = CheckpointWatcher(tmp.name, "memory://doc-watcher-stop/run", store=Store(), interval=60)
+            >>> _ = Path(tmp.name, "a.pt").write_bytes(b"abc")  # written after the last poll
+            >>> watcher.stop()  # uploaded now, without waiting for the next poll
+            SyncResult(restored=0 (0 B), uploaded=1 (3 B), unchanged=0, skipped=0)
+            >>> watcher.stop()  # again: the same totals, nothing more done
+            SyncResult(restored=0 (0 B), uploaded=1 (3 B), unchanged=0, skipped=0)
+            >>> tmp.cleanup()
         """
         with self._stop_lock:
             if self._outcome is None:
