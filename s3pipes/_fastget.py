@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import mmap
 import random
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 from xml.etree import ElementTree
@@ -42,7 +43,7 @@ from botocore.exceptions import ClientError
 __all__ = ["FastGetter"]
 
 _RETRY_STATUS = {500, 502, 503, 504}
-_ATTEMPTS = 3
+_ATTEMPTS = 6  # a request, a dropped body or a 5xx: tried this many times in all
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -79,6 +80,51 @@ class _ViewPayload(aiohttp.payload.Payload):
             await writer.write(self._value[start : start + self._CHUNK])
 
 
+class _Resumable:
+    """One GET's body (an object, or its range ``[start, end)``), received across attempts.
+
+    A retry asks only for the bytes still missing (``Range`` from the last byte received),
+    with ``If-Match`` on the first answer's ETag: if the object changed in between, the
+    store refuses (412) rather than splice two versions.
+    """
+
+    def __init__(self, start: int | None, end: int | None, buffer: mmap.mmap | None = None) -> None:
+        self._start, self._end, self._buffer = start or 0, end, buffer
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._etag: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        first = self._start + self._received
+        if first > 0 or self._end is not None:
+            headers["Range"] = f"bytes={first}-{'' if self._end is None else self._end - 1}"
+        if self._etag is not None and self._received:
+            headers["If-Match"] = self._etag
+        return headers
+
+    async def receive(self, response: aiohttp.ClientResponse) -> None:
+        """Take the body; aiohttp raises ClientPayloadError if it ends before its Content-Length."""
+        if self._etag is None:
+            self._etag = response.headers.get("ETag")
+        if self._buffer is None:
+            async for chunk in response.content.iter_any():
+                self._chunks.append(chunk)
+                self._received += len(chunk)
+            return
+        size = len(self._buffer)  # a range inside the object: exactly this many bytes
+        async for chunk in response.content.iter_any():
+            if self._received + len(chunk) > size:
+                raise aiohttp.ClientPayloadError(f"{response.url}: more than the {size} bytes asked for")
+            self._buffer[self._received : self._received + len(chunk)] = chunk
+            self._received += len(chunk)
+        if self._received < size:
+            raise aiohttp.ClientPayloadError(f"{response.url}: {self._received} bytes of the {size} asked for")
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)
+
+
 async def _etag(response: aiohttp.ClientResponse) -> str:
     await response.read()
     return response.headers["ETag"]
@@ -108,12 +154,13 @@ class FastGetter:
 
         The body is received into one buffer of its size (``into``, when it is given and has
         that size): ``aiohttp``'s ``read()`` holds the chunks and their join at once, twice
-        the range at its peak.
+        the range at its peak. A body cut short is resumed from the last byte received.
         """
         self._ensure_session(8)
-        url = f"{self._endpoint}/{bucket}/{quote(key, safe='/~')}"
-        headers = {"Range": f"bytes={start}-{end - 1}"}
-        return await self._request(url, headers, lambda response: _receive(response, end - start, into))
+        buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
+        body = _Resumable(start, end, buffer)
+        await self._request(self._object_url(bucket, key), body.headers, body.receive)
+        return buffer
 
     def _ensure_session(self, connections: int) -> None:
         """Build the session on the running loop, once (its finalizer closes it on that loop)."""
@@ -129,12 +176,10 @@ class FastGetter:
         return await asyncio.gather(*(self._get(gate, *item) for item in ranges), return_exceptions=True)
 
     async def _get(self, gate: asyncio.Semaphore, bucket: str, key: str, start: int | None, end: int | None) -> bytes:
-        url = f"{self._endpoint}/{bucket}/{quote(key, safe='/~')}"
-        headers = (
-            {} if start is None and end is None else {"Range": f"bytes={start or 0}-{'' if end is None else end - 1}"}
-        )
+        body = _Resumable(start, end)
         async with gate:
-            return await self._request(url, headers, _read_all)
+            await self._request(self._object_url(bucket, key), body.headers, body.receive)
+        return body.value()
 
     def list_objects(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """``{"bucket/key": info}`` of every object under ``prefix``, sub-prefixes listed concurrently."""
@@ -197,13 +242,35 @@ class FastGetter:
         parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in enumerate(etags, 1))
         document = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
         url = f"{self._object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
-        body = await self._request(url, {}, _read_all, method="POST", data=memoryview(document))
+        try:
+            body = await self._request(url, {}, _read_all, method="POST", data=memoryview(document))
+        except ClientError as exc:
+            # A retry after a lost reply finds the upload gone: completed, if the object is the one
+            # these parts make (S3's multipart ETag: the MD5 of the parts' MD5s, "-", their count).
+            if exc.response.get("Error", {}).get("Code") == "NoSuchUpload" and await self._has_parts(
+                bucket, key, etags
+            ):
+                return
+            raise
         if b"<Error>" in body:  # S3 may fail a completion after its 200 status line was sent
             raise _client_error(200, body, "CompleteMultipartUpload")
 
+    async def _has_parts(self, bucket: str, key: str, etags: Sequence[str]) -> bool:
+        digests = b"".join(bytes.fromhex(etag.strip('"')) for etag in etags)
+        expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"'
+        try:
+            found = await self._request(self._object_url(bucket, key), {}, _etag, method="HEAD")
+        except ClientError:
+            return False
+        return found == expected
+
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
         url = f"{self._object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
-        await self._request(url, {}, _read_all, method="DELETE")
+        try:
+            await self._request(url, {}, _read_all, method="DELETE")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":  # gone: a retry after a lost reply
+                raise
 
     async def put_object(self, bucket: str, key: str, body: memoryview) -> None:
         self._ensure_session(8)
@@ -215,18 +282,21 @@ class FastGetter:
     async def _request(
         self,
         url: str,
-        headers: dict[str, str],
+        headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
         receive: Callable[[aiohttp.ClientResponse], Awaitable[Body]],
         *,
         method: str = "GET",
         data: memoryview | None = None,
     ) -> Body:
-        """A signed request with retries on 5xx and dropped connections; the body, or a ClientError.
+        """A signed request with retries on 5xx, dropped connections and bodies cut short (not on stalls).
 
-        A successful body is what ``receive`` makes of the response (``_read_all``: its bytes).
+        ``headers`` may be a function, called for every attempt (a resumed GET asks for
+        the bytes it still lacks). A successful body is what ``receive`` makes of the
+        response. The exception that ends the last attempt carries ``s3pipes_attempts``,
+        which the error message reports.
         """
         for attempt in range(1, _ATTEMPTS + 1):
-            request = AWSRequest(method=method, url=url, headers=dict(headers))
+            request = AWSRequest(method=method, url=url, headers=dict(headers() if callable(headers) else headers))
             if data is not None:
                 request.context["client_config"] = _UNSIGNED_PAYLOAD
             self._auth.add_auth(request)  # signs now: a retry gets a fresh date
@@ -240,38 +310,24 @@ class FastGetter:
                     if status in (200, 204, 206):
                         return await receive(response)
                     body = await response.read()
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are both: a stall is not retried,
+                    raise  # so the timeout bounds the wait
                 if attempt == _ATTEMPTS:
+                    exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
                     raise
             else:
                 if status not in _RETRY_STATUS or attempt == _ATTEMPTS:
-                    raise _client_error(status, body)
-            await asyncio.sleep(random.uniform(0, 0.1 * 2**attempt))
+                    error = _client_error(status, body)
+                    error.s3pipes_attempts = attempt  # read by errors.translate
+                    raise error
+            await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter, capped
         raise AssertionError("unreachable")
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_session"] = None  # connections stay with their process
         return state
-
-
-async def _receive(response: aiohttp.ClientResponse, size: int, into: mmap.mmap | None = None) -> mmap.mmap:
-    """The body, received into an anonymous mapping of ``size`` bytes (a shorter body raises).
-
-    A mapping, not a bytearray: glibc keeps freed multi-MiB heap blocks allocated on a
-    thread's arena (measured: 1.32x a 256 MiB state's size in RSS on load with
-    bytearrays, 1.17x with mappings, which are returned to the system when collected).
-    """
-    buffer = into if into is not None and len(into) == size else mmap.mmap(-1, size)
-    filled = 0
-    async for chunk in response.content.iter_any():
-        if filled + len(chunk) > size:
-            raise aiohttp.ClientPayloadError(f"{response.url}: more than the {size} bytes asked for")
-        buffer[filled : filled + len(chunk)] = chunk
-        filled += len(chunk)
-    if filled < size:
-        raise aiohttp.ClientPayloadError(f"{response.url}: {filled} bytes of the {size} asked for")
-    return buffer
 
 
 def _close(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop) -> None:

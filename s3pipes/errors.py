@@ -348,6 +348,7 @@ _EXCEPTION_TO_ERROR: tuple[tuple[str, type[S3PipesError]], ...] = (
     ("botocore.exceptions.ReadTimeoutError", StoreTimeout),
     ("botocore.exceptions.ConnectionClosedError", ConnectionDropped),
     ("aiohttp.client_exceptions.ServerDisconnectedError", ConnectionDropped),
+    ("aiohttp.client_exceptions.ClientPayloadError", ConnectionDropped),
     ("builtins.ConnectionResetError", ConnectionDropped),
     ("builtins.TimeoutError", StoreTimeout),
     ("fsspec.exceptions.FSTimeoutError", StoreTimeout),
@@ -470,9 +471,21 @@ def translate(
         code = _error_code(refined[1]) if refined is not None else None
         if refined is not None and code is not None and not code.isdigit():
             found = refined
+    tries = _attempts(exc)
     if found is None:
-        return StoreRequestError(url, endpoint, redact(f"{type(exc).__name__}: {exc}"))
+        code = next((c for c in map(_error_code, _chain(exc)) if c), None)  # the store's word, if it said one
+        said = f"the store answered {code}" if code else f"{type(exc).__name__}: {exc}"
+        return StoreRequestError(url, endpoint, redact(said + tries))
     cls, link = found
     if issubclass(cls, StoreError):
-        return cls(url, endpoint, redact(_detail(cls, link)))
-    return cls(redact(f"{url} (endpoint {endpoint}): {_detail(cls, link)}"))
+        return cls(url, endpoint, redact(_detail(cls, link) + tries))
+    return cls(redact(f"{url} (endpoint {endpoint}): {_detail(cls, link)}{tries}"))
+
+
+def _attempts(exc: BaseException) -> str:
+    """``"; gave up after 3 attempts"`` when a retry loop marked the exception it gave up on, else ``""``."""
+    for link in _chain(exc):
+        attempts = getattr(link, "s3pipes_attempts", None)
+        if isinstance(attempts, int) and attempts > 1:
+            return f"; gave up after {attempts} attempts"
+    return ""

@@ -33,9 +33,11 @@ import email.utils
 import io
 import logging
 import os
+import random
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -459,9 +461,11 @@ class Store:
             >>> store.read_bytes("memory://doc-read-bytes/a", 2, 5)
             b'234'
         """
+        if self._fast_getter(url) is not None and (start or 0) >= 0 and (end is None or end >= 0):
+            return self.read_ranges([url], [start], [end], concurrency=1)[0]  # resumes a body cut short
         fs, path = self.resolve(url)
         with self.errors(url):
-            return bytes(fs.cat_file(path, start=start, end=end))
+            return bytes(_retrying(lambda: fs.cat_file(path, start=start, end=end)))
 
     def read_ranges(
         self,
@@ -670,6 +674,30 @@ class Store:
         if self._s3.get("secret"):
             parts.append("secret=***")
         return f"Store(s3: {', '.join(parts) or 'default AWS chain'})"
+
+
+_BODY_ATTEMPTS = 6
+
+
+def _retrying(call: Callable[[], Any]) -> Any:
+    """``call()``, again (up to 6 attempts in all) when the connection drops mid-answer.
+
+    botocore retries a request until its headers arrive; s3fs reads the body afterwards,
+    so a body cut short (a reset, a truncation) would otherwise end the read at once. The
+    exception of the last attempt carries ``s3pipes_attempts`` for the error message.
+    """
+    for attempt in range(1, _BODY_ATTEMPTS + 1):
+        try:
+            return call()
+        except Exception as exc:
+            found = errors.classify(exc)
+            dropped = found is not None and found[0] is errors.ConnectionDropped  # not a stall: botocore retried it
+            if not dropped or attempt == _BODY_ATTEMPTS:
+                if dropped:
+                    exc.s3pipes_attempts = attempt  # type: ignore[attr-defined]  # read by errors.translate
+                raise
+            time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter, capped
+    raise AssertionError("unreachable")
 
 
 def _parse_timestamp(value: Any) -> datetime.datetime:
