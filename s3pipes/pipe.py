@@ -26,6 +26,7 @@ from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.checkpoint import CheckpointStore
 from s3pipes.errors import ConfigError, ObjectNotFound
 from s3pipes.preview import PipeStats, Preview, describe_pipe, step_label
+from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, check_on_error
 from s3pipes.stages.group import GroupByKey
 from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
 from s3pipes.stages.parallel import ParallelMap
@@ -143,8 +144,11 @@ class Pipe(IterableDataset[T], Generic[T]):
         """
         return self._then(OpenObject, block_size=block_size)
 
-    def untar(self) -> Pipe[Any]:
+    def untar(self, *, on_error: OnError = "raise") -> Pipe[Any]:
         """Stream -> tar members (``.url``, ``.name``, ``.data``, ``.offset``), streaming.
+
+        ``on_error="skip"``: a corrupt or truncated shard's remainder is skipped, counted and
+        recorded (see :meth:`skipped`); the default raises ``CorruptShard``.
 
         Example:
             >>> import io, webdataset as wds
@@ -156,7 +160,7 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> [(member.name, member.data) for member in pipe]
             [('k0.cls', b'3'), ('k0.txt', b'a cat')]
         """
-        return self._then(Untar)
+        return self._then(Untar) if check_on_error(on_error) == "raise" else self._then(Untar, on_error=on_error)
 
     def group_by_key(self) -> Pipe[Sample]:
         """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``.
@@ -173,10 +177,14 @@ class Pipe(IterableDataset[T], Generic[T]):
         """
         return self._then(GroupByKey)
 
-    def decode(self, image: str = "pil", *, workers: int = 0, **options: Any) -> Pipe[Sample]:
+    def decode(
+        self, image: str = "pil", *, workers: int = 0, on_error: OnError = "raise", **options: Any
+    ) -> Pipe[Sample]:
         """Decode fields by extension (:class:`s3pipes.decode.Decoder` has the choices).
 
         ``workers`` > 0 decodes on that many threads (Pillow releases the GIL), in order.
+        ``on_error="skip"`` drops a sample with a field that cannot be decoded, counting and
+        recording it (see :meth:`skipped`); the default raises ``DecodeError``.
 
         Example:
             >>> import io, webdataset as wds
@@ -192,7 +200,11 @@ class Pipe(IterableDataset[T], Generic[T]):
         from s3pipes.decode import Decoder
 
         decoder: Callable[[Any], Sample] = Decoder(image=image, **options)
-        return self.map(decoder, workers=workers)
+        if check_on_error(on_error) == "raise":
+            return self.map(decoder, workers=workers)
+        if workers:
+            return self._then(ParallelMap, fn=decoder, workers=workers, on_error=on_error)
+        return self._then(Map, fn=decoder, on_error=on_error)
 
     def map(self, fn: Callable[[T], U], *, workers: int = 0) -> Pipe[U]:
         """Apply ``fn`` to every item; on ``workers`` threads, in order, if > 0.
@@ -355,6 +367,39 @@ class Pipe(IterableDataset[T], Generic[T]):
         if live is None:
             return PipeStats.collect(labels, None, 0.0, None)
         return PipeStats.collect(labels, live.node, live.started, live.finished)
+
+    def skipped(self) -> dict[str, Any]:
+        """What ``on_error="skip"`` stages skipped up to this pipe's position (:meth:`state_dict`'s).
+
+        Returns ``{"count": <total>, "by_stage": {<stage>: <count>}, "entries": [...]}``; each
+        entry is ``{"stage", "url", "member", "key", "offset", "error"}`` (``key``: the sample's
+        ``__key__`` for a decode error; ``member`` and ``offset``: the tar member and byte offset
+        of a corrupt shard). Each stage keeps its last 1000 entries; the counts are complete.
+        It is part of the state, so a resumed pipe reports the skips before its checkpoint and
+        does not count them again. Per consumer: DataLoader workers each keep their own.
+
+        Example:
+            >>> pipe = from_urls("memory://doc-skipped/0.tar", store=Store()).open_object().untar(on_error="skip")
+            >>> pipe.skipped()
+            {'count': 0, 'by_stage': {}, 'entries': []}
+        """
+        if self._pending is None and self._live is None:
+            return {"count": 0, "by_stage": {}, "entries": []}
+        labels = [step_label(_method_name(cls), kwargs) for cls, kwargs in self._steps]
+        states: list[StateDict] = []
+        node_state: Any = self.state_dict()["node"]
+        while isinstance(node_state, dict):
+            states.append(node_state)
+            node_state = node_state.get(SOURCE_KEY)
+        states.reverse()  # source first, like labels (the Shards stage has no step)
+        by_stage: dict[str, int] = {}
+        entries: list[dict[str, Any]] = []
+        for label, state in zip(["shards", *labels], states, strict=False):
+            log = state.get(SKIPPED_KEY)
+            if isinstance(log, dict):
+                by_stage[label] = by_stage.get(label, 0) + int(log["count"])
+                entries.extend({"stage": label, **entry} for entry in log["entries"])
+        return {"count": sum(by_stage.values()), "by_stage": by_stage, "entries": entries}
 
     # -- as data ---------------------------------------------------------------------------
 
@@ -633,8 +678,12 @@ def webdataset(
     suffix: str = ".tar",
     store: Store | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    on_error: OnError = "raise",
 ) -> Pipe[Sample]:
     """List (a prefix ending in "/") or expand (URLs/patterns), shuffle shards, open, untar, group.
+
+    ``on_error="skip"`` skips (and records, see :meth:`Pipe.skipped`) the rest of a corrupt or
+    truncated shard instead of raising ``CorruptShard``; store errors always raise.
 
     Example::
 
@@ -646,4 +695,4 @@ def webdataset(
         pipe = from_urls(source, store=store, storage_options=storage_options)
     if shuffle_seed is not None:
         pipe = pipe.shuffle_shards(shuffle_seed)
-    return pipe.open_object().untar().group_by_key()
+    return pipe.open_object().untar(on_error=on_error).group_by_key()

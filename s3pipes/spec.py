@@ -98,7 +98,8 @@ def to_spec(pipe: Pipe[Any]) -> dict[str, Any]:
         fn = kwargs.get("fn")
         if method == "map" and isinstance(fn, Decoder):
             where = f"stage {index} (.decode)"
-            stages.append({"stage": "decode", **_decoder_args(fn, where), "workers": kwargs.get("workers", 0)})
+            stage_spec = {"stage": "decode", **_decoder_args(fn, where), "workers": kwargs.get("workers", 0)}
+            stages.append(stage_spec | ({"on_error": kwargs["on_error"]} if "on_error" in kwargs else {}))
             continue
         stage: dict[str, Any] = {"stage": method}
         for name, value in kwargs.items():

@@ -29,11 +29,11 @@ _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
 
 class TarFormatError(ValueError):
-    """The bytes are not a valid tar stream at ``offset``."""
+    """The bytes are not a valid tar stream at ``offset`` (in member ``member``, when its header was read)."""
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int, member: str = "") -> None:
         super().__init__(message)
-        self.offset = offset
+        self.offset, self.member = offset, member
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ class TarReader:
             size = _number(header[124:136], header_at) if size is None else size
             data = self._take(size)
             if len(data) < size:
-                raise TarFormatError(f"member data truncated ({len(data)} of {size} bytes)", header_at)
+                member = name if name is not None else _text(header[0:100])
+                raise TarFormatError(f"member data truncated ({len(data)} of {size} bytes)", first, member)
             self._skip(-size % BLOCK)  # the padding to the block boundary
             if kind == _PAX:
                 # webdataset's TarWriter writes one before every member, holding only mtime:

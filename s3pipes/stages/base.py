@@ -8,19 +8,63 @@ copy continues with exactly the next item.
 Every stage also counts what it returns since its last ``reset`` (``items_out``; the
 stages that move bytes, ``OpenObject`` and ``Untar``, also ``bytes_out``) for
 ``Pipe.stats()``: an integer increment or two per item, never part of the state.
+
+Stages that take ``on_error="skip"`` (``Untar``, the decode map) keep a :class:`SkipLog`
+of what they skipped: it IS part of their state (under ``SKIPPED_KEY``), so a resumed
+pipe still reports the skips before its checkpoint and does not count them again.
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic
+from collections import deque
+from typing import Any, Generic, Literal
 
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict, T
+from s3pipes.errors import DataError, DecodeError
 
-__all__ = ["SOURCE_KEY", "Stage", "ThroughStage"]
+__all__ = ["ON_ERROR_CHOICES", "SKIPPED_KEY", "SOURCE_KEY", "OnError", "SkipLog", "Stage", "ThroughStage"]
 
 SOURCE_KEY = "source"
+SKIPPED_KEY = "skipped"
+
+OnError = Literal["raise", "skip"]
+#: Valid values of ``on_error``.
+ON_ERROR_CHOICES: tuple[OnError, ...] = ("raise", "skip")
+
+
+def check_on_error(on_error: str) -> OnError:
+    """``on_error`` itself when valid; else ValueError naming the choices."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"{on_error=} is not an error policy; choose one of {', '.join(ON_ERROR_CHOICES)}")
+    return "skip" if on_error == "skip" else "raise"
+
+
+class SkipLog:
+    """What a stage skipped under ``on_error="skip"``: a total count and the last ``LIMIT`` entries.
+
+    Each entry is JSON-able: ``{"url", "member", "key", "offset", "error"}`` (``key`` is the
+    sample's ``__key__`` for a decode error, else ""; ``offset`` may be None). Older entries
+    are dropped past ``LIMIT``; ``count`` keeps counting.
+    """
+
+    LIMIT = 1000
+
+    def __init__(self, state: StateDict | None = None) -> None:
+        state = state or {}
+        self.count: int = int(state.get("count", 0))
+        self.entries: deque[dict[str, Any]] = deque(state.get("entries", ()), maxlen=self.LIMIT)
+
+    def record(self, error: DataError) -> None:
+        key = error.key if isinstance(error, DecodeError) else ""
+        self.count += 1
+        self.entries.append(
+            {"url": error.url, "member": error.member, "key": key, "offset": error.offset, "error": str(error)}
+        )
+
+    def state(self) -> StateDict:
+        return {"count": self.count, "entries": [dict(entry) for entry in self.entries]}
 
 
 class Stage(BaseNode[T], Generic[T]):

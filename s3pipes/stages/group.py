@@ -54,6 +54,10 @@ class GroupByKey(Stage[Sample]):
     Every sample has ``__key__`` and ``__url__`` (the shard). The position is that of the
     first member of the next sample, so a checkpoint between samples never splits one.
 
+    With ``Untar(on_error="skip")`` as the source, a sample whose member the shard broke in
+    (the skip names that member) is dropped: its fields are incomplete. When the corrupt
+    header cannot be read, the member is unknown and the sample before it is kept.
+
     Raises:
         DuplicateField: a field repeats within one sample (names the shard and member).
     """
@@ -79,6 +83,22 @@ class GroupByKey(Stage[Sample]):
                 return member, *parts
 
     def next(self) -> Sample:
+        while True:
+            skips = getattr(self.source, "skips", None)  # Untar(on_error="skip")'s SkipLog
+            skipped_before = skips.count if skips is not None else 0
+            sample = self._group()
+            if skips is not None and skips.count != skipped_before and self._cut_short(sample, skips.entries[-1]):
+                continue  # the shard broke inside this sample's members: drop the partial sample
+            self.items_out += 1
+            return sample
+
+    @staticmethod
+    def _cut_short(sample: Sample, skip: dict[str, object]) -> bool:
+        member = skip.get("member")
+        parts = split_key(member) if isinstance(member, str) else None
+        return skip.get("url") == sample["__url__"] and parts is not None and parts[0] == sample["__key__"]
+
+    def _group(self) -> Sample:
         first = self._pending if self._pending is not None else self._pull()
         self._pending = None
         member, key, field = first
@@ -88,12 +108,10 @@ class GroupByKey(Stage[Sample]):
                 following = self._pull()
             except StopIteration:
                 self._pending_state = None
-                self.items_out += 1
                 return sample
             member, next_key, field = following
             if next_key != key or member.url != sample["__url__"]:
                 self._pending = following
-                self.items_out += 1
                 return sample
             add_field(sample, field, member.data, member=member.name, offset=member.offset)
 

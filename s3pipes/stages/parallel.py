@@ -18,7 +18,8 @@ from typing import Generic
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict, T, U
-from s3pipes.stages.base import SOURCE_KEY, Stage
+from s3pipes.errors import DataError
+from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 
 __all__ = ["ParallelMap"]
 
@@ -30,14 +31,17 @@ class ParallelMap(Stage[U], Generic[T, U]):
         source: the items.
         fn: the function; it must be thread-safe.
         workers: threads (>= 1).
+        on_error: ``"skip"`` drops an item whose ``fn`` raises a ``DataError`` and records it in
+            ``skips`` (kept in the state), as :class:`~s3pipes.stages.transform.Map` does.
     """
 
-    def __init__(self, source: BaseNode[T], fn: Callable[[T], U], *, workers: int) -> None:
+    def __init__(self, source: BaseNode[T], fn: Callable[[T], U], *, workers: int, on_error: OnError = "raise") -> None:
         super().__init__()
         if workers < 1:
             raise ValueError(f"{workers=} must be at least 1")
-        self.source, self.fn, self.workers = source, fn, workers
+        self.source, self.fn, self.workers, self.on_error = source, fn, workers, check_on_error(on_error)
         self._pool: ThreadPoolExecutor | None = None
+        self.skips = SkipLog()
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
@@ -47,6 +51,7 @@ class ParallelMap(Stage[U], Generic[T, U]):
         # (source state before the item was pulled, the work) for each item in flight
         self._in_flight: deque[tuple[StateDict, Future[U]]] = deque()
         self._exhausted = False
+        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
 
     def _fill(self) -> None:
         if self._pool is None:
@@ -61,20 +66,28 @@ class ParallelMap(Stage[U], Generic[T, U]):
             self._in_flight.append((before, self._pool.submit(self.fn, item)))
 
     def next(self) -> U:
-        self._fill()
-        if not self._in_flight:
-            self.shutdown()  # the epoch is over: no thread outlives it
-            raise StopIteration
-        _, future = self._in_flight.popleft()
-        result = future.result()
-        self.items_out += 1
-        self._fill()
-        return result
+        while True:
+            self._fill()
+            if not self._in_flight:
+                self.shutdown()  # the epoch is over: no thread outlives it
+                raise StopIteration
+            _, future = self._in_flight.popleft()
+            try:
+                result = future.result()
+            except DataError as exc:
+                if self.on_error == "raise":
+                    raise
+                self.skips.record(exc)
+                continue
+            self.items_out += 1
+            self._fill()
+            return result
 
     def get_state(self) -> StateDict:
-        if self._in_flight:
-            return {SOURCE_KEY: self._in_flight[0][0]}
-        return {SOURCE_KEY: self.source.state_dict()}
+        state = {SOURCE_KEY: self._in_flight[0][0] if self._in_flight else self.source.state_dict()}
+        if self.on_error == "skip":
+            state[SKIPPED_KEY] = self.skips.state()
+        return state
 
     def shutdown(self) -> None:
         """Stop the threads (pending work is dropped). Idempotent."""

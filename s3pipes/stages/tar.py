@@ -16,7 +16,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import StateDict
 from s3pipes.errors import CorruptShard
 from s3pipes.stages._tarparse import TarFormatError, TarReader
-from s3pipes.stages.base import SOURCE_KEY, Stage
+from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.open import ObjectStream
 
 __all__ = ["TarMember", "Untar"]
@@ -39,18 +39,27 @@ class Untar(Stage[TarMember]):
     ``shutdown()`` closes the open shard stream (also done at the end of each shard).
 
     State: ``{"source": <source state before the current shard>, "offset": <next
-    member header in that shard, or None between shards>}``.
+    member header in that shard, or None between shards>}``, plus ``"skipped"`` (the
+    :class:`~s3pipes.stages.base.SkipLog`) with ``on_error="skip"``.
+
+    Args:
+        source: the shard streams.
+        on_error: ``"raise"`` (default): a corrupt or truncated shard raises. ``"skip"``: the
+            rest of that shard is skipped and recorded in ``skips`` (URL, member, offset,
+            error); the next shard follows. The members before the corrupt point were already
+            returned, so the sample being read there may lack fields. Store errors always raise.
 
     Raises:
-        CorruptShard: the stream is not a readable tar (names the shard and offset).
+        CorruptShard: the stream is not a readable tar (names the shard, member where known, and offset).
     """
 
     OFFSET_KEY = "offset"
 
-    def __init__(self, source: BaseNode[ObjectStream]) -> None:
+    def __init__(self, source: BaseNode[ObjectStream], *, on_error: OnError = "raise") -> None:
         super().__init__()
-        self.source = source
+        self.source, self.on_error = source, check_on_error(on_error)
         self.bytes_out = 0
+        self.skips = SkipLog()
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
@@ -60,6 +69,7 @@ class Untar(Stage[TarMember]):
         self.source.reset(state.get(SOURCE_KEY))
         self._shard_state: StateDict | None = state.get(SOURCE_KEY)
         self._offset: int | None = state.get(self.OFFSET_KEY)
+        self.skips = SkipLog(state.get(SKIPPED_KEY))
         if self._offset is not None:  # resume inside a shard: reopen it at the next member
             self._open_next(start=self._offset)
 
@@ -87,7 +97,12 @@ class Untar(Stage[TarMember]):
                 member = self._reader.next()
             except TarFormatError as exc:
                 self._close()
-                raise CorruptShard(url, f"unreadable tar data: {exc}", offset=exc.offset) from exc
+                error = CorruptShard(url, f"unreadable tar data: {exc}", member=exc.member, offset=exc.offset)
+                if self.on_error == "raise":
+                    raise error from exc
+                self.skips.record(error)
+                self._offset = None
+                continue
             if member is None:  # end of this shard
                 self._close()
                 self._offset = None
@@ -102,6 +117,11 @@ class Untar(Stage[TarMember]):
         self._close()
 
     def get_state(self) -> StateDict:
+        state: StateDict
         if self._offset is None:
-            return {SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}
-        return {SOURCE_KEY: self._shard_state, self.OFFSET_KEY: self._offset}
+            state = {SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}
+        else:
+            state = {SOURCE_KEY: self._shard_state, self.OFFSET_KEY: self._offset}
+        if self.on_error == "skip":
+            state[SKIPPED_KEY] = self.skips.state()
+        return state

@@ -9,23 +9,47 @@ from torch.utils.data import default_collate
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict, T, U
-from s3pipes.stages.base import SOURCE_KEY, Stage, ThroughStage
+from s3pipes.errors import DataError
+from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, ThroughStage, check_on_error
 
 __all__ = ["Batch", "Filter", "Map"]
 
 
 class Map(ThroughStage[U], Generic[T, U]):
-    """Applies ``fn`` to every item."""
+    """Applies ``fn`` to every item.
 
-    def __init__(self, source: BaseNode[T], fn: Callable[[T], U]) -> None:
+    With ``on_error="skip"``, an item for which ``fn`` raises a :class:`~s3pipes.errors.DataError`
+    (e.g. a ``DecodeError``) is dropped and recorded in ``skips``, which is kept in the state
+    under ``"skipped"``. Other exceptions always propagate.
+    """
+
+    def __init__(self, source: BaseNode[T], fn: Callable[[T], U], *, on_error: OnError = "raise") -> None:
         super().__init__(source)
-        self.fn = fn
+        self.fn, self.on_error = fn, check_on_error(on_error)
+        self.skips = SkipLog()
+
+    def reset(self, initial_state: StateDict | None = None) -> None:
+        super().reset(initial_state)
+        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
 
     def next(self) -> U:
-        item: T = next(self.source)
-        out = self.fn(item)
-        self.items_out += 1
-        return out
+        while True:
+            item: T = next(self.source)
+            try:
+                out = self.fn(item)
+            except DataError as exc:
+                if self.on_error == "raise":
+                    raise
+                self.skips.record(exc)
+                continue
+            self.items_out += 1
+            return out
+
+    def get_state(self) -> StateDict:
+        state = super().get_state()
+        if self.on_error == "skip":
+            state[SKIPPED_KEY] = self.skips.state()
+        return state
 
 
 class Filter(ThroughStage[T]):

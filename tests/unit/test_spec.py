@@ -158,7 +158,7 @@ BASE = {"version": 1, "source": {"urls": ["memory://b/0.tar"]}, "shuffle_shards"
         ([{"stage": "shuffle"}], r"stage 0 \(\.shuffle\): missing a required argument: 'buffer_size'"),
         (
             [{"stage": "untar", "fast": True}],
-            r"stage 0 \(\.untar\): unknown argument\(s\) 'fast'; its arguments are none",
+            r"stage 0 \(\.untar\): unknown argument\(s\) 'fast'; its arguments are on_error",
         ),
         ([{"stage": "decode", "image": "jpeg"}], r"stage 0 \(\.decode\): image='jpeg' is not an image form"),
         ([{"stage": "map", "fn": "tests.nowhere:fn"}], r"stage 0 \(\.map\) fn: cannot import 'tests.nowhere:fn'"),
