@@ -125,6 +125,12 @@ class _Resumable:
         return b"".join(self._chunks)
 
 
+async def _headers(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """The response's headers, names lowercased (servers differ: ``ETag``, ``Etag``)."""
+    await response.read()
+    return {name.lower(): value for name, value in response.headers.items()}
+
+
 async def _etag(response: aiohttp.ClientResponse) -> str:
     await response.read()
     return response.headers["ETag"]
@@ -180,6 +186,23 @@ class FastGetter:
         async with gate:
             await self._request(self._object_url(bucket, key), body.headers, body.receive)
         return body.value()
+
+    def head(self, bucket: str, key: str) -> dict[str, Any]:
+        """An object's info as s3fs gives it (``size``, ``ETag``, ``LastModified``, ...), from one HEAD."""
+        loop = fsspec.asyn.get_loop()
+        return dict(fsspec.asyn.sync(loop, self._head, bucket, key))
+
+    async def _head(self, bucket: str, key: str) -> dict[str, Any]:
+        self._ensure_session(8)
+        headers = await self._request(self._object_url(bucket, key), {}, _headers, method="HEAD")
+        return {
+            "name": f"{bucket}/{key}",
+            "size": int(headers.get("content-length", 0)),
+            "ETag": headers.get("etag", ""),
+            "LastModified": headers.get("last-modified", ""),
+            "ContentType": headers.get("content-type", ""),
+            "type": "file",
+        }
 
     def list_objects(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
         """``{"bucket/key": info}`` of every object under ``prefix``, sub-prefixes listed concurrently."""
