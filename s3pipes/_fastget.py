@@ -107,6 +107,10 @@ class _Resumable:
         """Take the body; aiohttp raises ClientPayloadError if it ends before its Content-Length."""
         if self._etag is None:
             self._etag = response.headers.get("ETag")
+        if response.status == 200 and self._start + self._received > 0:  # the Range was ignored: whole object
+            if self._start or self._buffer is not None:
+                raise aiohttp.ClientPayloadError(f"{response.url}: the store ignored the Range of a ranged read")
+            self._chunks, self._received = [], 0  # a resumed whole-object read: start again from this answer
         if self._buffer is None:
             async for chunk in response.content.iter_any():
                 self._chunks.append(chunk)
