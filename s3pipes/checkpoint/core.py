@@ -64,10 +64,10 @@ import logging
 import pickle
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from fsspec.core import split_protocol
@@ -85,6 +85,7 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointNotFound", "CheckpointStore", "CorruptCheckpoint", "ObjectVersion", "WeightsOnlyRefused"]
 
 _FORMAT = "s3pipes.checkpoint/1"
+_T = TypeVar("_T")
 _STEP_DIR = re.compile(r"^step-(\d{9,})$")
 _S3_PROTOCOLS = ("s3", "s3a")
 _log = logging.getLogger(__name__)
@@ -465,12 +466,18 @@ class CheckpointStore:
             return step, sharded.open_step(self.store, self.step_url(step), marker, weights_only=weights_only)
         candidates = {s: m for s, m in self._committed().items() if m.get("kind") == sharded.KIND}
         pointed = self._read_latest()
+        return self._first_loadable(
+            sorted(candidates, key=lambda s: (s == pointed, s), reverse=True),
+            lambda s: sharded.open_step(self.store, self.step_url(s), candidates[s], weights_only=weights_only),
+        )
+
+    def _first_loadable(self, steps: Iterable[int], open_step: Callable[[int], _T]) -> tuple[int, _T]:
+        """The first of ``steps`` that ``open_step`` opens, and what it made; corrupt or vanished steps are
+        passed over (logged). Raises the last CorruptCheckpoint, or CheckpointNotFound if no step was there."""
         failure: CorruptCheckpoint | None = None
-        for candidate in sorted(candidates, key=lambda s: (s == pointed, s), reverse=True):
+        for step in steps:
             try:
-                return candidate, sharded.open_step(
-                    self.store, self.step_url(candidate), candidates[candidate], weights_only=weights_only
-                )
+                return step, open_step(step)
             except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
                 _log.warning("%s: falling back to an older step: %s", self.url, exc)
                 failure = exc if isinstance(exc, CorruptCheckpoint) else failure
@@ -704,27 +711,22 @@ class CheckpointStore:
         return self._load_latest(map_location, weights_only)
 
     def _load_latest(self, map_location: MAP_LOCATION, weights_only: bool) -> Any:
-        failure: CorruptCheckpoint | None = None
-        tried: set[int] = set()
         pointed = self._read_latest()
+        markers: dict[int, dict[str, Any]] = {}
         marker = self._read_marker(pointed) if pointed is not None else None
         if pointed is not None and marker is not None:
-            try:
-                return self._load_committed(pointed, marker, map_location, weights_only)
-            except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
-                _log.warning("%s: falling back to an older step: %s", self.url, exc)
-                failure = exc if isinstance(exc, CorruptCheckpoint) else failure
-                tried.add(pointed)
-        committed = self._committed()
-        for step in sorted(set(committed) - tried, reverse=True):
-            try:
-                return self._load_committed(step, committed[step], map_location, weights_only)
-            except (CorruptCheckpoint, errors.ObjectNotFound) as exc:
-                _log.warning("%s: falling back to an older step: %s", self.url, exc)
-                failure = exc if isinstance(exc, CorruptCheckpoint) else failure
-        if failure is not None:
-            raise failure
-        raise CheckpointNotFound(self.url, self.store.endpoint(self.url), None, [])
+            markers[pointed] = marker
+
+        def steps() -> Iterator[int]:
+            if pointed is not None and pointed in markers:
+                yield pointed  # the pointer's step, if committed: no listing when it loads
+            committed = self._committed()
+            markers.update(committed)
+            yield from sorted(set(committed) - {pointed}, reverse=True)
+
+        return self._first_loadable(steps(), lambda s: self._load_committed(s, markers[s], map_location, weights_only))[
+            1
+        ]
 
     def _load_step(self, step: int, marker: dict[str, Any], map_location: MAP_LOCATION, weights_only: bool) -> Any:
         url = f"{self.step_url(step)}/{marker['payload']}"
