@@ -30,6 +30,7 @@ from PIL import Image
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import T
+from s3pipes._units import human_bytes
 from s3pipes.decode import _IMAGE_EXTENSIONS, _IMAGE_FORMATS, DEFAULT_MAX_IMAGE_PIXELS, Decoder
 from s3pipes.stages.shards import ShardPlan
 from s3pipes.store import Store
@@ -49,18 +50,6 @@ _META_FIELDS = ("__key__", "__url__")
 def _truncate(text: str, width: int = _CELL_WIDTH) -> str:
     text = " ".join(text.split())  # one line
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _size(n: int) -> str:
-    """Bytes in binary units: ``75 B``, ``12.3 KiB``."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -88,7 +77,7 @@ def describe(value: object) -> str:
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
-        text = _size(len(data))
+        text = human_bytes(len(data))
         if len(data) <= 16 and data.isascii() and data.decode("ascii").isprintable():
             text += f" {data!r}"
     elif isinstance(value, Image.Image):
@@ -422,7 +411,11 @@ class PipeStats:
     def _cells(self) -> list[list[str]]:
         rows = [["stage", "items", "items/s", "bytes", "bytes/s"]]
         for s in self.stages:
-            moved = (_size(s.nbytes), f"{_size(round(s.bytes_per_s or 0))}/s") if s.nbytes is not None else ("-", "-")
+            moved = (
+                (human_bytes(s.nbytes), f"{human_bytes(round(s.bytes_per_s or 0))}/s")
+                if s.nbytes is not None
+                else ("-", "-")
+            )
             rows.append([s.stage, str(s.items), f"{s.items_per_s:,.1f}", *moved])
         return rows
 

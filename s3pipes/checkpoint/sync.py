@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import Any
 
 from s3pipes import errors
+from s3pipes._units import human_bytes
 from s3pipes.store import Store, _parse_timestamp
 
 __all__ = ["DEFAULT_EXCLUDE", "CheckpointWatcher", "SyncResult", "sync_checkpoints", "watch_checkpoints"]
@@ -99,24 +100,9 @@ class SyncResult:
 
     def __repr__(self) -> str:
         return (
-            f"SyncResult(restored={self.restored} ({_human(self.restored_bytes)}), uploaded={self.uploaded} "
-            f"({_human(self.uploaded_bytes)}), unchanged={self.unchanged}, skipped={self.skipped})"
+            f"SyncResult(restored={self.restored} ({human_bytes(self.restored_bytes)}), uploaded={self.uploaded} "
+            f"({human_bytes(self.uploaded_bytes)}), unchanged={self.unchanged}, skipped={self.skipped})"
         )
-
-
-def _human(size: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``.
-
-    Example:
-        >>> _human(7), _human(3 << 20)
-        ('7 B', '3.0 MiB')
-    """
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _remote_mtime_ns(info: Mapping[str, Any]) -> int | None:
@@ -252,7 +238,7 @@ class _Syncer:
         if failure is not None:
             raise failure  # the marker stays: the next start finishes the restore
         marker.unlink()
-        _log.info("restored %d file(s) (%s) from %s into %s", len(done), _human(total), self.url, self.local)
+        _log.info("restored %d file(s) (%s) from %s into %s", len(done), human_bytes(total), self.url, self.local)
         return SyncResult(restored=len(done), restored_bytes=sum(st[0] for _, st in done))
 
     def _restored_already(self, rel: str, info: Mapping[str, Any]) -> bool:
@@ -312,7 +298,9 @@ class _Syncer:
                 skipped=len(done) - len(uploaded),
             )
             if uploaded:
-                _log.info("uploaded %d file(s) (%s) from %s to %s", len(uploaded), _human(total), self.local, self.url)
+                _log.info(
+                    "uploaded %d file(s) (%s) from %s to %s", len(uploaded), human_bytes(total), self.local, self.url
+                )
             return _Pass(result, [rel for rel, _, changed in done if changed])
 
     def final_pass(self, remote: Mapping[str, Mapping[str, Any]] | None = None) -> SyncResult:
