@@ -125,15 +125,27 @@ class DecodeError(DataError):
 
     Attributes:
         key: the sample's ``__key__``; field: the field name, e.g. ``"seg.png"``.
+        member, offset: the tar member the field came from and its header's byte offset in the
+            shard, when the sample says (samples from tar shards do); else the field and None.
     """
 
-    def __init__(self, key: str, url: str, field: str, detail: str) -> None:
+    def __init__(
+        self, key: str, url: str, field: str, detail: str, *, member: str = "", offset: int | None = None
+    ) -> None:
         self.key, self.field = key, field
-        super().__init__(url, f"cannot decode field {field!r} of sample {key!r}: {detail}", member=field)
+        message = f"cannot decode field {field!r} of sample {key!r}: {detail}"
+        super().__init__(url, message, member=member or field, offset=offset)
         self.detail = detail
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.key, self.url, self.field, self.detail))
+        fields = (self.key, self.url, self.field, self.detail, self.member, self.offset)
+        return (_rebuild_decode_error, (type(self), *fields))
+
+
+def _rebuild_decode_error(
+    cls: type[DecodeError], key: str, url: str, field: str, detail: str, member: str, offset: int | None
+) -> DecodeError:
+    return cls(key, url, field, detail, member=member, offset=offset)
 
 
 class CorruptCheckpoint(DataError):
@@ -179,9 +191,12 @@ class StoreError(S3PipesError):
         url: the object or prefix the request was for.
         endpoint: where the request went (an endpoint URL, or a protocol name).
         hint: what to try, or "".
+        stage: the pipeline stage whose request failed (e.g. ``"open_object"``), or "" outside a
+            pipeline; set by the stage, shown first in the message.
     """
 
     default_hint = ""
+    stage = ""
 
     def __init__(self, url: str, endpoint: str, detail: str, hint: str | None = None) -> None:
         self.url, self.endpoint, self.detail = url, endpoint, detail
@@ -192,11 +207,17 @@ class StoreError(S3PipesError):
     def __reduce__(self) -> tuple[object, ...]:
         # Builtin OSError subclasses pickle their args, not ours: keep the fields
         # so errors survive the trip back from DataLoader / Dask workers.
-        return (type(self), (self.url, self.endpoint, self.detail, self.hint))
+        return (type(self), (self.url, self.endpoint, self.detail, self.hint), self.__dict__)
 
     def __str__(self) -> str:
         # OSError.__str__ formats errno/strerror; ours is the message we built.
-        return str(self.args[0]) if self.args else ""
+        message = str(self.args[0]) if self.args else ""
+        return f"stage {self.stage}: {message}" if self.stage else message
+
+    def in_stage(self, stage: str) -> None:
+        """Name the pipeline stage the failed request was made for, unless one is named already."""
+        if stage and not self.stage:
+            self.stage = stage
 
 
 class NotFound(StoreError, FileNotFoundError):
@@ -239,7 +260,7 @@ class CheckpointNotFound(ObjectNotFound):
         super().__init__(url, endpoint, detail, hint)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.url, self.endpoint, self.step, self.available))
+        return (type(self), (self.url, self.endpoint, self.step, self.available), self.__dict__)
 
 
 class AuthError(StoreError, PermissionError):

@@ -26,6 +26,7 @@ from types import TracebackType
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict
+from s3pipes.errors import StoreError
 from s3pipes.stages.base import SOURCE_KEY, Stage
 from s3pipes.store import Store
 
@@ -40,7 +41,8 @@ class ObjectStream:
 
     Nothing is requested before the first read, so ``seek`` first costs nothing: the
     first GET starts there, which is how a shard resumes mid-way without re-reading
-    its start. Errors are the Store's (translated, naming the URL). ``on_read(n)``, if
+    its start. Errors are the Store's (translated, naming the URL; ``stage``, if given, is
+    set on them so a pipeline's message says which stage failed). ``on_read(n)``, if
     given, is called with the size of every ``read()`` result (``OpenObject`` counts bytes so).
     """
 
@@ -51,8 +53,10 @@ class ObjectStream:
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
         on_read: Callable[[int], None] | None = None,
+        stage: str = "",
     ) -> None:
         self.url, self._store, self._block_size, self._on_read = url, store, block_size, on_read
+        self._stage = stage
         self._position = 0  # of the next byte read() returns
         self._size: int | None = None
         self._block, self._block_at = b"", 0  # bytes held, and the offset of their start
@@ -67,6 +71,13 @@ class ObjectStream:
         return self._pool.submit(self._store.read_bytes, self.url, start, end)
 
     def read(self, size: int = -1) -> bytes:
+        try:
+            return self._read(size)
+        except StoreError as exc:
+            exc.in_stage(self._stage)
+            raise
+
+    def _read(self, size: int) -> bytes:
         if self._size is None:
             self._size = int(self._store.info(self.url)["size"])
         if size < 0:
@@ -96,7 +107,11 @@ class ObjectStream:
             offset += self._position
         elif whence == 2:
             if self._size is None:
-                self._size = int(self._store.info(self.url)["size"])
+                try:
+                    self._size = int(self._store.info(self.url)["size"])
+                except StoreError as exc:
+                    exc.in_stage(self._stage)
+                    raise
             offset += self._size
         if offset < 0:
             raise ValueError(f"negative seek position {offset} in {self.url}")
@@ -153,7 +168,8 @@ class OpenObject(Stage[ObjectStream]):
         self.bytes_out = 0
 
     def next(self) -> ObjectStream:
-        stream = ObjectStream(next(self.source), self.store, block_size=self.block_size, on_read=self._count)
+        url = next(self.source)
+        stream = ObjectStream(url, self.store, block_size=self.block_size, on_read=self._count, stage="open_object")
         self.items_out += 1
         return stream
 

@@ -2,7 +2,7 @@
 
 - A server that stops answering (a :class:`tests.faultproxy.FaultProxy` ``stall`` of 30 s, before
   the response head or mid-body) makes every read path fail within about ``read_timeout``, with
-  an endpoint error that names the object.
+  an endpoint error that names the object (and, in a pipeline, the stage).
 - DataLoader workers (``fork`` and ``spawn``) stream every sample once and leave no process and
   no ``s3pipes-*`` thread behind.
 - SIGINT (Ctrl-C) mid-epoch ends a DataLoader(num_workers=2) process and its whole process group.
@@ -97,7 +97,8 @@ def test_streaming_pipeline_over_a_stalled_shard_times_out(
     urls = write_shards(s3_root, shards=1, per_shard=20, store=s3_store)
     pipe = sp.webdataset(f"{s3_root}/", store=stalled_store(s3_server, proxy))  # lists now, fault-free
     proxy.set_rules([STALLS[where](".tar")])
-    assert_fails_fast(lambda: list(pipe), urls[0])
+    exc = assert_fails_fast(lambda: list(pipe), urls[0], "stage open_object")
+    assert isinstance(exc, errors.StoreError) and exc.stage == "open_object"
     assert proxy.faults["stall"] >= 1, proxy
 
 

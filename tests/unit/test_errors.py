@@ -157,6 +157,15 @@ def test_errors_survive_pickling_from_workers() -> None:
     assert type(clone) is errors.BucketNotFound and str(clone) == str(err) and clone.url == "s3://b/k"
 
 
+def test_a_stage_named_once_leads_the_message_and_survives_pickling() -> None:
+    err = errors.StoreTimeout("s3://b/shard.tar", "http://e", "read timed out after 2 s")
+    err.in_stage("open_object")
+    err.in_stage("untar")  # the first stage to name itself is the one that made the request
+    clone = pickle.loads(pickle.dumps(err))
+    assert str(clone).startswith("stage open_object: s3://b/shard.tar (endpoint http://e): read timed out")
+    assert clone.stage == "open_object" and str(clone) == str(err)
+
+
 def test_messages_give_a_fix() -> None:
     err = errors.CredentialsMissing("s3://b/k", "e", "no credentials found")
     assert "AWS_ACCESS_KEY_ID" in str(err)
