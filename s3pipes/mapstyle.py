@@ -19,7 +19,7 @@ from s3pipes._types import Sample
 from s3pipes.index import ShardIndex, build_shard_index, read_manifest
 from s3pipes.preview import Preview, peek_count
 from s3pipes.stages._tarparse import TarReader
-from s3pipes.stages.group import add_field, split_key
+from s3pipes.stages.group import TarSample, add_field, split_key
 from s3pipes.store import Store
 
 __all__ = ["DEFAULT_CONCURRENCY", "MapDataset", "ObjectReader"]
@@ -259,7 +259,7 @@ class MapDataset(Dataset[Item], Generic[Item]):
 def _parse_sample(url: str, key: str, start: int, data: bytes) -> Sample:
     """The sample dict of one sample's members, exactly as GroupByKey builds it."""
     reader = TarReader(io.BytesIO(data).read, start)
-    sample: Sample = {"__key__": key, "__url__": url}
+    sample = TarSample({"__key__": key, "__url__": url})
     while (member := reader.next()) is not None:
         parts = split_key(member.name)
         if parts is not None:

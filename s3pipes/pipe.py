@@ -162,8 +162,12 @@ class Pipe(IterableDataset[T], Generic[T]):
         """
         return self._then(Untar) if check_on_error(on_error) == "raise" else self._then(Untar, on_error=on_error)
 
-    def group_by_key(self) -> Pipe[Sample]:
+    def group_by_key(self, *, on_error: OnError = "raise") -> Pipe[Sample]:
         """Members -> sample dicts ``{"__key__", "__url__", <field>: bytes}``.
+
+        A field repeated within one sample raises ``DuplicateField`` naming the shard, member and
+        byte offset; ``on_error="skip"`` drops that sample instead, counting and recording it
+        (see :meth:`skipped`).
 
         Example:
             >>> import io, webdataset as wds
@@ -175,7 +179,9 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> next(iter(pipe))
             {'__key__': 'k0', '__url__': 'memory://doc-group/shard-0.tar', 'cls': b'3', 'txt': b'a cat'}
         """
-        return self._then(GroupByKey)
+        if check_on_error(on_error) == "raise":
+            return self._then(GroupByKey)
+        return self._then(GroupByKey, on_error=on_error)
 
     def decode(
         self, image: str = "pil", *, workers: int = 0, on_error: OnError = "raise", **options: Any
@@ -371,7 +377,7 @@ class Pipe(IterableDataset[T], Generic[T]):
     def skipped(self) -> dict[str, Any]:
         """What ``on_error="skip"`` stages skipped up to this pipe's position (:meth:`state_dict`'s).
 
-        Returns ``{"count": <total>, "by_stage": {<stage>: <count>}, "entries": [...]}``; each
+        Returns ``{"count": <total>, "by_stage": {<stage>: <count, if any>}, "entries": [...]}``; each
         entry is ``{"stage", "url", "member", "key", "offset", "error"}`` (``key``: the sample's
         ``__key__`` for a decode error; ``member`` and ``offset``: the tar member and byte offset
         of a corrupt shard). Each stage keeps its last 1000 entries; the counts are complete.
@@ -396,7 +402,7 @@ class Pipe(IterableDataset[T], Generic[T]):
         entries: list[dict[str, Any]] = []
         for label, state in zip(["shards", *labels], states, strict=False):
             log = state.get(SKIPPED_KEY)
-            if isinstance(log, dict):
+            if isinstance(log, dict) and log["count"]:
                 by_stage[label] = by_stage.get(label, 0) + int(log["count"])
                 entries.extend({"stage": label, **entry} for entry in log["entries"])
         return {"count": sum(by_stage.values()), "by_stage": by_stage, "entries": entries}
@@ -683,7 +689,8 @@ def webdataset(
     """List (a prefix ending in "/") or expand (URLs/patterns), shuffle shards, open, untar, group.
 
     ``on_error="skip"`` skips (and records, see :meth:`Pipe.skipped`) the rest of a corrupt or
-    truncated shard instead of raising ``CorruptShard``; store errors always raise.
+    truncated shard instead of raising ``CorruptShard``, and a sample with a repeated field instead
+    of raising ``DuplicateField``; store errors always raise.
 
     Example::
 
@@ -695,4 +702,4 @@ def webdataset(
         pipe = from_urls(source, store=store, storage_options=storage_options)
     if shuffle_seed is not None:
         pipe = pipe.shuffle_shards(shuffle_seed)
-    return pipe.open_object().untar(on_error=on_error).group_by_key()
+    return pipe.open_object().untar(on_error=on_error).group_by_key(on_error=on_error)

@@ -8,14 +8,16 @@ skipped, as webdataset does.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict
 from s3pipes.errors import DuplicateField
-from s3pipes.stages.base import SOURCE_KEY, Stage
+from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.tar import TarMember
 
-__all__ = ["GroupByKey", "add_field", "split_key"]
+__all__ = ["GroupByKey", "TarSample", "add_field", "split_key"]
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -32,7 +34,23 @@ def split_key(name: str) -> tuple[str, str] | None:
     return directory + slash + stem, field.lower()
 
 
-def add_field(sample: Sample, field: str, data: bytes, *, member: str, offset: int) -> None:
+class TarSample(dict[str, Any]):
+    """A sample read from a tar shard: a plain dict of its fields, plus where each came from.
+
+    ``members`` maps each field to ``(member name, header byte offset in the shard)``, so a
+    field that fails to decode is reported at its place in the shard. It is an attribute,
+    not a key: the sample's items are exactly webdataset's, and a copy made with ``dict()``
+    (or any ``map``) is a plain dict without it.
+    """
+
+    members: dict[str, tuple[str, int]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.members = {}
+
+
+def add_field(sample: TarSample, field: str, data: bytes, *, member: str, offset: int) -> None:
     """Put one member's bytes into its sample; a field seen twice in one sample is an error.
 
     Raises:
@@ -46,6 +64,7 @@ def add_field(sample: Sample, field: str, data: bytes, *, member: str, offset: i
             offset=offset,
         )
     sample[field] = data
+    sample.members[field] = (member, offset)
 
 
 class GroupByKey(Stage[Sample]):
@@ -58,17 +77,25 @@ class GroupByKey(Stage[Sample]):
     (the skip names that member) is dropped: its fields are incomplete. When the corrupt
     header cannot be read, the member is unknown and the sample before it is kept.
 
+    Args:
+        source: the tar members.
+        on_error: ``"raise"`` (default): a field repeated within one sample raises. ``"skip"``:
+            that whole sample (every member with its key) is dropped and recorded in ``skips``,
+            kept in the state under ``"skipped"``.
+
     Raises:
-        DuplicateField: a field repeats within one sample (names the shard and member).
+        DuplicateField: a field repeats within one sample (names the shard, member and offset).
     """
 
-    def __init__(self, source: BaseNode[TarMember]) -> None:
+    def __init__(self, source: BaseNode[TarMember], *, on_error: OnError = "raise") -> None:
         super().__init__()
-        self.source = source
+        self.source, self.on_error = source, check_on_error(on_error)
+        self.skips = SkipLog()
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
+        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
         self._pending: tuple[TarMember, str, str] | None = None
         self._pending_state: StateDict | None = None
 
@@ -87,6 +114,8 @@ class GroupByKey(Stage[Sample]):
             skips = getattr(self.source, "skips", None)  # Untar(on_error="skip")'s SkipLog
             skipped_before = skips.count if skips is not None else 0
             sample = self._group()
+            if sample is None:  # dropped for a repeated field, under on_error="skip"
+                continue
             if skips is not None and skips.count != skipped_before and self._cut_short(sample, skips.entries[-1]):
                 continue  # the shard broke inside this sample's members: drop the partial sample
             self.items_out += 1
@@ -98,24 +127,39 @@ class GroupByKey(Stage[Sample]):
         parts = split_key(member) if isinstance(member, str) else None
         return skip.get("url") == sample["__url__"] and parts is not None and parts[0] == sample["__key__"]
 
-    def _group(self) -> Sample:
+    def _group(self) -> Sample | None:
+        """The next sample; None when it had a repeated field and ``on_error="skip"`` dropped it."""
         first = self._pending if self._pending is not None else self._pull()
         self._pending = None
         member, key, field = first
-        sample: Sample = {"__key__": key, "__url__": member.url, field: member.data}
+        sample = TarSample({"__key__": key, "__url__": member.url})
+        add_field(sample, field, member.data, member=member.name, offset=member.offset)
+        broken: DuplicateField | None = None
         while True:
             try:
                 following = self._pull()
             except StopIteration:
                 self._pending_state = None
-                return sample
+                break
             member, next_key, field = following
             if next_key != key or member.url != sample["__url__"]:
                 self._pending = following
-                return sample
-            add_field(sample, field, member.data, member=member.name, offset=member.offset)
+                break
+            if broken is not None:
+                continue  # the rest of a sample being dropped
+            try:
+                add_field(sample, field, member.data, member=member.name, offset=member.offset)
+            except DuplicateField as exc:
+                if self.on_error == "raise":
+                    raise
+                broken = exc
+        if broken is not None:
+            self.skips.record(broken)
+            return None
+        return sample
 
     def get_state(self) -> StateDict:
-        if self._pending is not None:
-            return {SOURCE_KEY: self._pending_state}
-        return {SOURCE_KEY: self.source.state_dict()}
+        state = {SOURCE_KEY: self._pending_state if self._pending is not None else self.source.state_dict()}
+        if self.on_error == "skip":
+            state[SKIPPED_KEY] = self.skips.state()
+        return state

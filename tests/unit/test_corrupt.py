@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from PIL import Image
 
 import s3pipes as sp
 from s3pipes import Store
-from s3pipes.errors import CorruptShard, DecodeError, ObjectNotFound
+from s3pipes.errors import CorruptShard, DecodeError, DuplicateField, ObjectNotFound
 from s3pipes.spec import from_spec
 from tests.contract import assert_resumes, run
 
@@ -116,7 +118,10 @@ def test_undecodable_field_raises_naming_sample_shard_and_field(root: str, key: 
         list(pipe)
     error = info.value
     assert (error.key, error.field, error.url) == (key, field, f"{root}/shard-{shard:03d}.tar")
+    member = next(m for m in members(error.url) if m.name == f"{key}.{field}")
+    assert (error.member, error.offset) == (member.name, member.offset)
     assert key in str(error) and repr(field) in str(error) and error.url in str(error)
+    assert f"member {member.name!r}, byte offset {member.offset}:" in str(error)
 
 
 def test_invalid_policy_is_refused(root: str) -> None:
@@ -153,15 +158,19 @@ def test_skip_undecodable_samples_counts_and_records_their_keys(root: str, worke
     skipped = pipe.skipped()
     assert (skipped["count"], skipped["by_stage"]) == (2, {"decode": 2})
     assert [(e["key"], e["member"], e["url"][-13:]) for e in skipped["entries"]] == [
-        (BAD_PNG, "png", "shard-000.tar"),
-        (BAD_JSON, "json", "shard-002.tar"),
+        (BAD_PNG, f"{BAD_PNG}.png", "shard-000.tar"),
+        (BAD_JSON, f"{BAD_JSON}.json", "shard-002.tar"),
     ]
+    for entry in skipped["entries"]:
+        [member] = [m for m in members(entry["url"]) if m.name == entry["member"]]
+        assert entry["offset"] == member.offset
 
 
 def test_store_errors_still_raise_with_skip(root: str) -> None:
     pipe = sp.webdataset([f"{root}/shard-000.tar", f"{root}/missing.tar"], on_error="skip")
-    with pytest.raises(ObjectNotFound):
+    with pytest.raises(ObjectNotFound, match=r"^stage open_object: .*missing\.tar") as caught:
         list(pipe.decode(on_error="skip"))
+    assert caught.value.stage == "open_object"
 
 
 def where(report: dict[str, Any]) -> dict[str, Any]:
@@ -233,3 +242,69 @@ def test_spec_keeps_the_policy(root: str) -> None:
     assert spec["stages"][-1]["on_error"] == "skip"
     assert from_spec(spec, store=Store()).to_spec() == spec
     assert pipe.spec_fingerprint() != sp.webdataset(f"{root}/").decode("numpy").spec_fingerprint()
+
+
+def test_map_style_decode_errors_name_the_same_member_and_offset(root: str) -> None:
+    streamed = sp.webdataset(f"{root}/").decode("pil")
+    with pytest.raises(DecodeError) as from_stream:
+        list(streamed)
+    ds = sp.MapDataset.from_shards(f"{root}/", transform=sp.Decoder("pil"))
+    index = [sample["__key__"] for sample in sp.MapDataset.from_shards(f"{root}/")].index(BAD_PNG)
+    with pytest.raises(DecodeError) as from_index:
+        ds[index]
+    expected = (from_stream.value.url, from_stream.value.member, from_stream.value.offset)
+    assert (from_index.value.url, from_index.value.member, from_index.value.offset) == expected
+    [member] = [m for m in members(expected[0]) if m.name == f"{BAD_PNG}.png"]
+    assert expected[1:] == (member.name, member.offset)
+
+
+def test_samples_keep_their_member_places_through_pickling(root: str) -> None:
+    sample = next(iter(sp.webdataset(f"{root}/")))
+    clone = pickle.loads(pickle.dumps(sample))
+    assert clone == sample and clone.members == sample.members
+    [member] = [m for m in members(sample["__url__"]) if m.name == "sample0000.png"]
+    assert clone.members["png"] == (member.name, member.offset)
+
+
+# -- a field repeated within one sample ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def duplicated(root: str) -> tuple[str, Any]:
+    """Shard 1 rewritten with a second ``sample0008.cls`` member right after the first."""
+    url = f"{root}/shard-001.tar"
+    kept = members(url)
+    path = Path(url.removeprefix("file://"))
+    with path.open("wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for member in kept:
+            copies = 2 if member.name == "sample0008.cls" else 1
+            for _ in range(copies):
+                info = tarfile.TarInfo(member.name)
+                info.size = len(member.data)
+                tar.addfile(info, io.BytesIO(member.data))
+    [second] = [m for m in members(url) if m.name == "sample0008.cls"][1:]
+    return url, second
+
+
+def test_repeated_field_raises_naming_shard_member_and_offset(duplicated: tuple[str, Any], root: str) -> None:
+    url, second = duplicated
+    with pytest.raises(DuplicateField) as info:
+        list(sp.webdataset(f"{root}/"))
+    assert (info.value.url, info.value.member, info.value.offset) == (url, "sample0008.cls", second.offset)
+    assert f"{url}, member 'sample0008.cls', byte offset {second.offset}: " in str(info.value)
+
+
+def test_skip_drops_the_sample_with_a_repeated_field_and_keeps_count(duplicated: tuple[str, Any], root: str) -> None:
+    url, second = duplicated
+    pipe = both(root)
+    keys = [s["__key__"] for s in pipe]
+    assert keys == good_keys(lost={"sample0008", BAD_PNG, BAD_JSON})
+    report = pipe.skipped()
+    assert (report["count"], report["by_stage"]) == (3, {"group_by_key": 1, "decode": 2})
+    [entry] = [e for e in report["entries"] if e["stage"] == "group_by_key"]
+    assert (entry["url"], entry["member"], entry["offset"]) == (url, "sample0008.cls", second.offset)
+    assert {"stage": "group_by_key", "on_error": "skip"} in pipe.to_spec()["stages"]
+
+
+def test_resume_harness_with_a_repeated_field(duplicated: tuple[str, Any], root: str) -> None:
+    assert_resumes(lambda: sp.webdataset(f"{root}/", shuffle_seed=3, on_error="skip").decode(on_error="skip"))

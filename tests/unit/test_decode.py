@@ -240,9 +240,10 @@ def test_formats_outside_the_allow_list_are_refused() -> None:
 
 
 def test_decode_error_pickles_with_its_fields() -> None:
-    err = DecodeError(KEY, URL, "jpg", "cause")
+    err = DecodeError(KEY, URL, "jpg", "cause", member=f"{KEY}.JPG", offset=1536)
     back = pickle.loads(pickle.dumps(err))
     assert (back.key, back.url, back.field, back.detail, str(back)) == (KEY, URL, "jpg", "cause", str(err))
+    assert (back.member, back.offset) == (f"{KEY}.JPG", 1536) and "byte offset 1536" in str(back)
 
 
 @pytest.mark.parametrize("image", IMAGE_CHOICES)
