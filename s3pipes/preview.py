@@ -356,13 +356,18 @@ def describe_pipe(plan: ShardPlan, store: Store, steps: Sequence[tuple[str, Mapp
 
 @dataclasses.dataclass(frozen=True)
 class StageStats:
-    """One stage's counts over a pass: items returned (and bytes, for stages that move bytes), and rates."""
+    """One stage's counts over a pass: items returned (and bytes, for stages that move bytes), and rates.
+
+    ``skipped``: items the stage dropped under ``on_error="skip"`` in this pass (None for a
+    stage without that policy); ``Pipe.skipped()`` has the totals since the epoch began, and what.
+    """
 
     stage: str
     items: int
     items_per_s: float
     nbytes: int | None = None
     bytes_per_s: float | None = None
+    skipped: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -373,7 +378,8 @@ class PipeStats:
     time from ``iter(pipe)`` to the end of the pass (or to now, while it runs). Rates are
     counts over ``wall_s``: delivered throughput, including the time the consumer spent
     between items, not each stage's capacity. Counts start at 0 at ``iter()`` and again
-    after ``load_state_dict()`` (they are not part of the state).
+    after ``load_state_dict()`` (they are not part of the state; the skip counts of
+    ``Pipe.skipped()`` are).
     """
 
     status: str
@@ -400,23 +406,27 @@ class PipeStats:
         rows = []
         for label, stage in zip(labels, chain, strict=True):
             items, nbytes = int(getattr(stage, "items_out", 0)), getattr(stage, "bytes_out", None)
-            rates = (None, None) if nbytes is None else (int(nbytes), nbytes * per_s)
-            rows.append(StageStats(label, items, items * per_s, *rates))
+            moved, rate = (None, None) if nbytes is None else (int(nbytes), nbytes * per_s)
+            skips = getattr(stage, "skips", None) if getattr(stage, "on_error", None) == "skip" else None
+            skipped = None if skips is None else int(skips.count - skips.loaded)
+            rows.append(StageStats(label, items, items * per_s, moved, rate, skipped))
         return cls("finished" if finished is not None else "running", wall, tuple(rows))
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"status", "wall_s", "stages": [{"stage", "items", "items_per_s", "nbytes", "bytes_per_s"}, ...]}``."""
+        """``{"status", "wall_s", "stages": [...]}``, one dict of :class:`StageStats`' fields per stage."""
         return {"status": self.status, "wall_s": self.wall_s, "stages": [dataclasses.asdict(s) for s in self.stages]}
 
     def _cells(self) -> list[list[str]]:
-        rows = [["stage", "items", "items/s", "bytes", "bytes/s"]]
+        skipping = any(s.skipped is not None for s in self.stages)  # the column only where a stage skips
+        rows = [["stage", "items", "items/s", "bytes", "bytes/s", *(["skipped"] if skipping else [])]]
         for s in self.stages:
             moved = (
                 (human_bytes(s.nbytes), f"{human_bytes(round(s.bytes_per_s or 0))}/s")
                 if s.nbytes is not None
                 else ("-", "-")
             )
-            rows.append([s.stage, str(s.items), f"{s.items_per_s:,.1f}", *moved])
+            skipped = [("-" if s.skipped is None else str(s.skipped))] if skipping else []
+            rows.append([s.stage, str(s.items), f"{s.items_per_s:,.1f}", *moved, *skipped])
         return rows
 
     def _title(self) -> str:

@@ -54,6 +54,7 @@ class SkipLog:
     def __init__(self, state: StateDict | None = None) -> None:
         state = state or {}
         self.count: int = int(state.get("count", 0))
+        self.loaded = self.count  # the count restored from a state: ``count - loaded`` is this pass's
         self.entries: deque[dict[str, Any]] = deque(state.get("entries", ()), maxlen=self.LIMIT)
 
     def record(self, error: DataError) -> None:

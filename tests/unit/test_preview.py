@@ -391,3 +391,29 @@ def test_stats_show_as_text_html_and_json(shards: str) -> None:
     html_text = stats._repr_html_()
     assert html_text.startswith('<table class="s3pipes-stats">') and "<td>group_by_key</td>" in html_text
     assert json.loads(json.dumps(stats.to_dict()))["stages"][2]["items"] == MEMBERS
+
+
+def test_stats_count_this_passs_skips_where_a_stage_skips(shards: str) -> None:
+    def class_zero_is_bad(data: bytes) -> int:
+        if data == b"0":
+            raise ValueError("class 0 is rejected by the test")
+        return int(data)
+
+    def make() -> sp.Pipe[Any]:
+        return sp.webdataset(f"{shards}/", on_error="skip").decode(handlers={"cls": class_zero_is_bad}, on_error="skip")
+
+    pipe = make()
+    kept = list(pipe)
+    stats = pipe.stats()
+    rows = {row.stage: row for row in stats.stages}
+    rejected = SAMPLES - len(kept)
+    assert rejected > 0 and pipe.skipped()["count"] == rejected
+    assert (rows["decode"].skipped, rows["untar"].skipped, rows["group_by_key"].skipped) == (rejected, 0, 0)
+    assert rows["open_object"].skipped is None and rows["shards"].skipped is None
+    lines = repr(stats).splitlines()
+    assert lines[1].split()[-1] == "skipped" and lines[-1].split()[-1] == str(rejected)
+
+    resumed = make()
+    resumed.load_state_dict(pipe.state_dict())
+    assert list(resumed) == [] and resumed.stats().stages[-1].skipped == 0, "a resumed pass counts its own skips"
+    assert resumed.skipped()["count"] == rejected, "the totals come with the state"
