@@ -148,6 +148,30 @@ class _Counting:
         return self.bytes
 
 
+def _check_key(sample: Mapping[str, Any]) -> None:
+    """ValueError unless ``sample["__key__"]`` names members that read back as this sample, and only inside.
+
+    A member is ``<key>.<field>``: the key must be a non-empty relative path with no ``.``/``..``
+    parts (``tar -x`` of the shard must not write outside its directory) and no dot in its last
+    part (readers split the key off at the first dot, so ``a.b`` would read back as key ``a``).
+    """
+    key = sample.get("__key__")
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"a sample needs a non-empty str '__key__', got {key!r} (fields: {sorted(sample)})")
+    parts = key.split("/")
+    if key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"__key__ {key!r} is not a relative path of plain names: members named after it could be "
+            "extracted outside the shard's directory"
+        )
+    if "." in parts[-1]:
+        raise ValueError(
+            f"__key__ {key!r} has a dot in its last part: its members would read back as key "
+            f"{key.rpartition('/')[0] + key.rpartition('/')[1] + parts[-1].partition('.')[0]!r}; "
+            "replace the dot (webdataset splits keys at the first dot)"
+        )
+
+
 class ShardWriter:
     """Writes samples (``{"__key__": ..., "png": bytes, "cls": 3, ...}``) into numbered tar shards.
 
@@ -216,9 +240,8 @@ class ShardWriter:
             ('memory://doc-shard-write/1.tar', ['0.tar'])
             >>> writer.discard()
         """
-        key = sample.get("__key__")
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"a sample needs a non-empty str '__key__', got {key!r} (fields: {sorted(sample)})")
+        _check_key(sample)
+        key = sample["__key__"]
         if self._tar is not None and self._full():
             self._close_shard()
         if self._tar is None:

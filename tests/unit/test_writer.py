@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing
 import random
+import re
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -244,6 +245,29 @@ def test_a_sample_without_a_str_key_is_refused_naming_its_fields(mem_root: str, 
         writer.write(sample)
     writer.close()
     assert writer.shards == [] and not store.exists(f"{mem_root}/train-0000.tar")
+
+
+@pytest.mark.parametrize(
+    ("key", "cause"),
+    [
+        ("../escape", "outside the shard's directory"),
+        ("/etc/cron.d/x", "outside the shard's directory"),
+        ("a/../../b", "outside the shard's directory"),
+        ("a//b", "outside the shard's directory"),
+        ("dir/img.001", "read back as key 'dir/img'"),
+    ],
+)
+def test_a_key_that_would_not_read_back_safely_is_refused_keeping_what_was_written(
+    root: str, key: str, cause: str
+) -> None:
+    store = Store()
+    writer = ShardWriter(f"{root}/{PATTERN}", store=store)
+    writer.write({"__key__": "good", "cls": 1})
+    with pytest.raises(ValueError, match=re.escape(cause)) as info:
+        writer.write({"__key__": key, "cls": 2})
+    assert repr(key) in str(info.value)
+    writer.close()
+    assert [s["__key__"] for s in sp.webdataset(f"{root}/", store=store)] == ["good"]
 
 
 def test_the_open_shard_is_invisible_until_closed(root: str) -> None:
