@@ -19,8 +19,8 @@ Every other field stays ``bytes``. Fields starting with ``"__"`` and values that
 not ``bytes`` (already decoded) pass through untouched.
 
 A field that fails raises :class:`s3pipes.errors.DecodeError` naming the sample,
-the shard and the field, and for samples read from tar shards (a
-:class:`~s3pipes.stages.group.TarSample`) the member and its byte offset.
+the shard and the field; a pipeline's decode stage (and ``MapDataset.from_shards``)
+adds the tar member and its byte offset.
 """
 
 from __future__ import annotations
@@ -136,9 +136,8 @@ class Decoder:
                 out[field] = fn(value)
             except Exception as exc:
                 key, url = sample.get("__key__", "<no __key__>"), sample.get("__url__", "<no __url__>")
-                member, offset = getattr(sample, "members", {}).get(field, ("", None))
                 detail = f"{type(exc).__name__}: {exc}"
-                raise DecodeError(str(key), str(url), field, detail, member=member, offset=offset) from exc
+                raise DecodeError(str(key), str(url), field, detail) from exc
         return out
 
     def _find(self, field: str) -> Callable[[bytes], object] | None:

@@ -126,7 +126,8 @@ class DecodeError(DataError):
     Attributes:
         key: the sample's ``__key__``; field: the field name, e.g. ``"seg.png"``.
         member, offset: the tar member the field came from and its header's byte offset in the
-            shard, when the sample says (samples from tar shards do); else the field and None.
+            shard, when known (the decode stage of a pipeline and ``MapDataset.from_shards`` fill
+            them in); else the field and None.
     """
 
     def __init__(
@@ -136,6 +137,11 @@ class DecodeError(DataError):
         message = f"cannot decode field {field!r} of sample {key!r}: {detail}"
         super().__init__(url, message, member=member or field, offset=offset)
         self.detail = detail
+
+    def locate(self, member: str, offset: int) -> None:
+        """Name the tar member the field came from and its byte offset (the message says them too)."""
+        located = DecodeError(self.key, self.url, self.field, self.detail, member=member, offset=offset)
+        self.member, self.offset, self.args = member, offset, located.args
 
     def __reduce__(self) -> tuple[object, ...]:
         fields = (self.key, self.url, self.field, self.detail, self.member, self.offset)

@@ -16,10 +16,11 @@ from fsspec.utils import merge_offset_ranges
 from torch.utils.data import Dataset
 
 from s3pipes._types import Sample
+from s3pipes.errors import DataError
 from s3pipes.index import ShardIndex, build_shard_index, read_manifest
 from s3pipes.preview import Preview, peek_count
 from s3pipes.stages._tarparse import TarReader
-from s3pipes.stages.group import TarSample, add_field, split_key
+from s3pipes.stages.group import Places, add_field, locate, split_key
 from s3pipes.store import Store
 
 __all__ = ["DEFAULT_CONCURRENCY", "MapDataset", "ObjectReader"]
@@ -207,7 +208,7 @@ class MapDataset(Dataset[Item], Generic[Item]):
         """The items at ``indices``, fetched concurrently, in that order."""
         positions = [self._check(i) for i in indices]
         if self._shards is not None:
-            return [self._transform(sample) for sample in self._samples(positions)]
+            return [self._transform_located(sample, places) for sample, places in self._samples(positions)]
         urls = [self._urls[i] for i in positions]
         blobs = self._store.read_ranges(urls, concurrency=self._concurrency)
         return [
@@ -215,7 +216,15 @@ class MapDataset(Dataset[Item], Generic[Item]):
             for url, blob in zip(urls, blobs, strict=True)
         ]
 
-    def _samples(self, positions: Sequence[int]) -> list[Sample]:
+    def _transform_located(self, sample: Sample, places: Places) -> Item:
+        """``transform(sample)``; a ``DecodeError`` it raises is given the field's member and offset."""
+        try:
+            return self._transform(sample)
+        except DataError as exc:
+            locate(exc, places)
+            raise
+
+    def _samples(self, positions: Sequence[int]) -> list[tuple[Sample, Places]]:
         assert self._shards is not None
         wanted = [self._shards.samples[i] for i in positions]
         urls = [self._shards.shards[shard] for shard, _, _, _ in wanted]
@@ -256,12 +265,14 @@ class MapDataset(Dataset[Item], Generic[Item]):
         return f"MapDataset({kind}, transform={getattr(self._transform, '__name__', self._transform)!r})"
 
 
-def _parse_sample(url: str, key: str, start: int, data: bytes) -> Sample:
-    """The sample dict of one sample's members, exactly as GroupByKey builds it."""
+def _parse_sample(url: str, key: str, start: int, data: bytes) -> tuple[Sample, Places]:
+    """The sample dict of one sample's members, exactly as GroupByKey builds it, and its fields' places."""
     reader = TarReader(io.BytesIO(data).read, start)
-    sample = TarSample({"__key__": key, "__url__": url})
+    sample: Sample = {"__key__": key, "__url__": url}
+    places: Places = {}
     while (member := reader.next()) is not None:
         parts = split_key(member.name)
         if parts is not None:
             add_field(sample, parts[1], member.data, member=member.name, offset=member.offset)
-    return sample
+            places[parts[1]] = (member.name, member.offset)
+    return sample, places

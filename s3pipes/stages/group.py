@@ -8,16 +8,16 @@ skipped, as webdataset does.
 
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
 
 from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict
-from s3pipes.errors import DuplicateField
+from s3pipes.errors import DataError, DecodeError, DuplicateField
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.tar import TarMember
 
-__all__ = ["GroupByKey", "TarSample", "add_field", "split_key"]
+__all__ = ["GroupByKey", "Places", "add_field", "locate", "locate_from", "split_key"]
 
 
 def split_key(name: str) -> tuple[str, str] | None:
@@ -34,23 +34,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     return directory + slash + stem, field.lower()
 
 
-class TarSample(dict[str, Any]):
-    """A sample read from a tar shard: a plain dict of its fields, plus where each came from.
-
-    ``members`` maps each field to ``(member name, header byte offset in the shard)``, so a
-    field that fails to decode is reported at its place in the shard. It is an attribute,
-    not a key: the sample's items are exactly webdataset's, and a copy made with ``dict()``
-    (or any ``map``) is a plain dict without it.
-    """
-
-    members: dict[str, tuple[str, int]]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.members = {}
-
-
-def add_field(sample: TarSample, field: str, data: bytes, *, member: str, offset: int) -> None:
+def add_field(sample: Sample, field: str, data: bytes, *, member: str, offset: int) -> None:
     """Put one member's bytes into its sample; a field seen twice in one sample is an error.
 
     Raises:
@@ -64,7 +48,33 @@ def add_field(sample: TarSample, field: str, data: bytes, *, member: str, offset
             offset=offset,
         )
     sample[field] = data
-    sample.members[field] = (member, offset)
+
+
+Places = dict[str, tuple[str, int]]
+"""Where a sample's fields came from: field -> (tar member name, byte offset of its first header)."""
+
+
+def locate(error: DataError, places: Places) -> None:
+    """Give a :class:`DecodeError` without a place the member and offset of its field, if ``places`` has them."""
+    if isinstance(error, DecodeError) and error.offset is None and error.field in places:
+        error.locate(*places[error.field])
+
+
+def locate_from(source: object, error: DataError) -> None:
+    """:func:`locate` ``error`` with what the nearest :class:`GroupByKey` upstream of ``source`` remembers.
+
+    A decode stage calls this for the errors of its function: the sample it failed on was grouped
+    upstream moments ago (within the last ``GroupByKey.REMEMBERED`` samples), so the group stage
+    still knows each field's member and offset. Other errors, or samples grouped longer ago (a big
+    shuffle buffer in between), are left as they are.
+    """
+    if not isinstance(error, DecodeError):
+        return
+    node = source
+    while node is not None and not isinstance(node, GroupByKey):
+        node = getattr(node, "source", None)
+    if node is not None:
+        locate(error, node.places(error.url, error.key))
 
 
 class GroupByKey(Stage[Sample]):
@@ -87,6 +97,9 @@ class GroupByKey(Stage[Sample]):
         DuplicateField: a field repeats within one sample (names the shard, member and offset).
     """
 
+    REMEMBERED = 4096
+    """Samples whose field places are kept, newest first, for :func:`locate_from`."""
+
     def __init__(self, source: BaseNode[TarMember], *, on_error: OnError = "raise") -> None:
         super().__init__()
         self.source, self.on_error = source, check_on_error(on_error)
@@ -98,6 +111,7 @@ class GroupByKey(Stage[Sample]):
         self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
         self._pending: tuple[TarMember, str, str] | None = None
         self._pending_state: StateDict | None = None
+        self._recent: OrderedDict[tuple[str, str], Places] = OrderedDict()
 
     def _pull(self) -> tuple[TarMember, str, str]:
         """Next member that names a field, with the source state from before it."""
@@ -132,8 +146,8 @@ class GroupByKey(Stage[Sample]):
         first = self._pending if self._pending is not None else self._pull()
         self._pending = None
         member, key, field = first
-        sample = TarSample({"__key__": key, "__url__": member.url})
-        add_field(sample, field, member.data, member=member.name, offset=member.offset)
+        sample: Sample = {"__key__": key, "__url__": member.url, field: member.data}
+        places: Places = {field: (member.name, member.offset)}
         broken: DuplicateField | None = None
         while True:
             try:
@@ -149,6 +163,7 @@ class GroupByKey(Stage[Sample]):
                 continue  # the rest of a sample being dropped
             try:
                 add_field(sample, field, member.data, member=member.name, offset=member.offset)
+                places[field] = (member.name, member.offset)
             except DuplicateField as exc:
                 if self.on_error == "raise":
                     raise
@@ -156,7 +171,14 @@ class GroupByKey(Stage[Sample]):
         if broken is not None:
             self.skips.record(broken)
             return None
+        self._recent[(key, sample["__url__"])] = places
+        if len(self._recent) > self.REMEMBERED:
+            self._recent.popitem(last=False)
         return sample
+
+    def places(self, url: str, key: str) -> Places:
+        """Where the fields of a recently returned sample came from ({} if it is not remembered)."""
+        return self._recent.get((key, url), {})
 
     def get_state(self) -> StateDict:
         state = {SOURCE_KEY: self._pending_state if self._pending is not None else self.source.state_dict()}

@@ -11,6 +11,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import StateDict, T, U
 from s3pipes.errors import DataError
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, ThroughStage, check_on_error
+from s3pipes.stages.group import locate_from
 
 __all__ = ["Batch", "Filter", "Map"]
 
@@ -38,6 +39,7 @@ class Map(ThroughStage[U], Generic[T, U]):
             try:
                 out = self.fn(item)
             except DataError as exc:
+                locate_from(self.source, exc)  # a DecodeError: add the member and offset
                 if self.on_error == "raise":
                     raise
                 self.skips.record(exc)

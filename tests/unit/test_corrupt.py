@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import webdataset
 from PIL import Image
 
@@ -258,12 +258,24 @@ def test_map_style_decode_errors_name_the_same_member_and_offset(root: str) -> N
     assert expected[1:] == (member.name, member.offset)
 
 
-def test_samples_keep_their_member_places_through_pickling(root: str) -> None:
+def test_samples_stay_plain_dicts_that_torch_loads_with_weights_only(root: str) -> None:
     sample = next(iter(sp.webdataset(f"{root}/")))
-    clone = pickle.loads(pickle.dumps(sample))
-    assert clone == sample and clone.members == sample.members
-    [member] = [m for m in members(sample["__url__"]) if m.name == "sample0000.png"]
-    assert clone.members["png"] == (member.name, member.offset)
+    assert type(sample) is dict
+    buffer = io.BytesIO()
+    torch.save({"buffered": [sample]}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True) == {"buffered": [sample]}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_after_other_stages_still_names_the_member_and_offset(root: str, workers: int) -> None:
+    pipe = sp.webdataset(f"{root}/").filter(bool).shuffle(4, seed=1).decode("pil", workers=workers)
+    with pytest.raises(DecodeError) as info:
+        list(pipe)
+    error = info.value
+    assert (error.key, error.field) in {(BAD_PNG, "png"), (BAD_JSON, "json")}
+    [member] = [m for m in members(error.url) if m.name == f"{error.key}.{error.field}"]
+    assert (error.member, error.offset) == (member.name, member.offset), str(error)
 
 
 # -- a field repeated within one sample ---------------------------------------------------------------------
