@@ -160,6 +160,8 @@ def _key_and_fields(item: object) -> tuple[object, list[tuple[str, object]]]:
         return item.get("__key__"), fields
     if dataclasses.is_dataclass(item) and not isinstance(item, type):
         return None, [(f.name, getattr(item, f.name)) for f in dataclasses.fields(item)]
+    if isinstance(item, tuple) and hasattr(item, "_fields"):  # a NamedTuple, like a tar member
+        return None, list(zip(item._fields, item, strict=True))
     if isinstance(item, (tuple, list)) and 0 < len(item) <= _MAX_TUPLE_COLUMNS:  # a collated batch is a list
         return None, [(f"[{i}]", value) for i, value in enumerate(item)]
     return None, [("item", item)]
@@ -185,7 +187,7 @@ class Preview(Sequence[T], Generic[T]):
     ``_repr_html_`` shows the same as an HTML table, with a thumbnail for every PIL image
     and every image-extension field holding image bytes or an image-shaped tensor/array
     (decoded with the same format allow-list and pixel limit as :class:`~s3pipes.Decoder`).
-    Items that are not dicts show one column per tuple element or dataclass field, or one
+    Items that are not dicts show one column per tuple element or (NamedTuple or dataclass) field, or one
     ``item`` column.
 
     Example:

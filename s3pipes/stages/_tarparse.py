@@ -17,7 +17,8 @@ header (pax or long-name header included) starts, so reopening there re-reads it
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
+from zlib import adler32
 
 __all__ = ["BLOCK", "Member", "TarFormatError", "TarReader"]
 
@@ -36,9 +37,11 @@ class TarFormatError(ValueError):
         self.offset, self.member = offset, member
 
 
-@dataclass(frozen=True)
-class Member:
-    """A regular file: name, contents, where its headers start and where the next member starts."""
+class Member(NamedTuple):
+    """A regular file: name, contents, where its headers start and where the next member starts.
+
+    A NamedTuple: built once per member on the hot path, where a frozen dataclass cost ~1 us more.
+    """
 
     name: str
     data: bytes
@@ -47,6 +50,16 @@ class Member:
 
 
 def _number(field: bytes, offset: int) -> int:
+    try:  # the usual form: octal digits ended by NUL and/or spaces
+        value = int(field.rstrip(b" \0") or b"0", 8)
+    except ValueError:
+        value = _unusual_number(field, offset)
+    if value < 0:
+        raise TarFormatError(f"negative number {field!r} in tar header", offset)
+    return value
+
+
+def _unusual_number(field: bytes, offset: int) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for sizes over 8 GiB
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0]
@@ -56,9 +69,19 @@ def _number(field: bytes, offset: int) -> int:
         raise TarFormatError(f"invalid number {text!r} in tar header", offset) from None
 
 
+def _byte_sum(header: bytes) -> int:
+    """``sum(header)`` of a 512-byte header, in C.
+
+    Adler-32's low half is 1 + the byte sum mod 65521, which is exact for 256 bytes (their sum
+    is at most 65,280). Measured: 0.5 us per header against 3.5 us for ``sum()``; four headers per
+    webdataset sample made ``sum()`` about a quarter of a raw streaming pass.
+    """
+    return (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
+
+
 def _checksum_ok(header: bytes, stored: int) -> bool:
     """The checksum counts the checksum field as spaces; old writers summed signed bytes."""
-    unsigned = sum(header) - sum(header[_CHECKSUM_FIELD]) + 8 * 32
+    unsigned = _byte_sum(header) - sum(header[_CHECKSUM_FIELD]) + 8 * 32
     if stored == unsigned:
         return True
     high = sum(1 for byte in header if byte >= 128) - sum(1 for byte in header[148:156] if byte >= 128)
@@ -109,21 +132,30 @@ class TarReader:
     def _take(self, size: int) -> bytes:
         """The next ``size`` bytes; fewer only where the stream ends."""
         end = self._position + size
-        if end > len(self._buffer):
-            parts = [self._buffer[self._position :]]
-            have = len(parts[0])
-            while have < size:
-                data = self._read(max(self._chunk, size - have))
-                if not data:
-                    break
-                parts.append(data)
-                have += len(data)
-            self._base += self._position
-            self._buffer, self._position = b"".join(parts), 0
-            end = min(size, have)
-        data = self._buffer[self._position : end]
-        self._position = end
-        return data
+        if end <= len(self._buffer):
+            data = self._buffer[self._position : end]
+            self._position = end
+            return data
+        # Refill. The new chunk becomes the buffer as it is: only the bytes asked for are
+        # copied (joining the rest of the old buffer onto each 4 MiB chunk cost ~10% of a pass).
+        parts = [self._buffer[self._position :]]
+        start = self._base + self._position  # absolute offset of parts[0]
+        have = len(parts[0])
+        while have < size:
+            data = self._read(max(self._chunk, size - have))
+            if not data:
+                break
+            parts.append(data)
+            have += len(data)
+        last = parts[-1]
+        if have <= size:  # the stream ended (or ends exactly here): everything goes
+            self._buffer, self._position, self._base = b"", 0, start + have
+            return b"".join(parts)
+        keep = have - size  # bytes of the last part that are not asked for
+        self._buffer, self._position = last, len(last) - keep
+        self._base = start + have - len(last)
+        parts[-1] = last[: self._position]
+        return b"".join(parts)
 
     def _skip(self, size: int) -> None:
         """Move past ``size`` bytes without copying them (fewer where the stream ends)."""

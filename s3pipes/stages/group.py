@@ -15,7 +15,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import Sample, StateDict
 from s3pipes.errors import DataError, DecodeError, DuplicateField
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
-from s3pipes.stages.tar import TarMember
+from s3pipes.stages.tar import TarMember, Untar
 
 __all__ = ["GroupByKey", "Places", "add_field", "locate", "locate_from", "split_key"]
 
@@ -114,9 +114,14 @@ class GroupByKey(Stage[Sample]):
         self._recent: OrderedDict[tuple[str, str], Places] = OrderedDict()
 
     def _pull(self) -> tuple[TarMember, str, str]:
-        """Next member that names a field, with the source state from before it."""
+        """Next member that names a field, with the source state from before it.
+
+        From an ``Untar`` that state is built only when asked for (``Untar.state_at``): asking
+        the source for its state before every member cost ~7% of a raw streaming pass.
+        """
+        lazy = isinstance(self.source, Untar)
         while True:
-            before = self.source.state_dict()
+            before = None if lazy else self.source.state_dict()
             member = next(self.source)
             parts = split_key(member.name)
             if parts is not None:
@@ -181,7 +186,14 @@ class GroupByKey(Stage[Sample]):
         return self._recent.get((key, url), {})
 
     def get_state(self) -> StateDict:
-        state = {SOURCE_KEY: self._pending_state if self._pending is not None else self.source.state_dict()}
+        source_state: StateDict | None
+        if self._pending is None:
+            source_state = self.source.state_dict()
+        elif isinstance(self.source, Untar):
+            source_state = self.source.state_at(self._pending[0].offset)
+        else:
+            source_state = self._pending_state
+        state = {SOURCE_KEY: source_state}
         if self.on_error == "skip":
             state[SKIPPED_KEY] = self.skips.state()
         return state

@@ -9,7 +9,7 @@ of being re-read from the start.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from torchdata.nodes import BaseNode
 
@@ -22,8 +22,7 @@ from s3pipes.stages.open import ObjectStream
 __all__ = ["TarMember", "Untar"]
 
 
-@dataclass(frozen=True)
-class TarMember:
+class TarMember(NamedTuple):
     """One regular file from a shard: its URL, member name, bytes, and header offset."""
 
     url: str
@@ -115,6 +114,17 @@ class Untar(Stage[TarMember]):
     def shutdown(self) -> None:
         """Close the shard stream being read, if any. Idempotent. ``reset()`` before iterating again."""
         self._close()
+
+    def state_at(self, offset: int) -> StateDict:
+        """The state that resumes at the member whose header is at ``offset`` in the shard being read.
+
+        What ``get_state()`` returned just before that member was returned, built without
+        calling it for every member (``GroupByKey`` asks for it only for the member it holds).
+        """
+        state: StateDict = {SOURCE_KEY: self._shard_state, self.OFFSET_KEY: offset}
+        if self.on_error == "skip":
+            state[SKIPPED_KEY] = self.skips.state()
+        return state
 
     def get_state(self) -> StateDict:
         state: StateDict

@@ -93,9 +93,11 @@ def stdlib_tar_ustar() -> bytes:
     return buffer.getvalue()
 
 
-def test_matches_tarfile_for_webdataset_shards() -> None:
+@pytest.mark.parametrize("chunk", [BLOCK, 700, 3000, 1 << 20])
+def test_matches_tarfile_for_webdataset_shards(chunk: int) -> None:
+    """Reads of every size relative to members: refills inside headers, inside data, exactly at their ends."""
     data = webdataset_tar()
-    assert [(m.name, m.data, m.offset) for m in members(data)] == reference(data)
+    assert [(m.name, m.data, m.offset) for m in members(data, chunk=chunk)] == reference(data)
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
@@ -143,3 +145,24 @@ def test_corrupt_header_is_detected_by_checksum() -> None:
 def test_random_bytes_are_not_a_tar() -> None:
     with pytest.raises(TarFormatError, match="checksum"):
         members(bytes(range(256)) * 8)
+
+
+def test_a_negative_size_is_an_error_not_a_member() -> None:
+    header = bytearray(tarfile.TarInfo("bad.bin").tobuf(format=tarfile.USTAR_FORMAT))
+    header[124:136] = b"-0000000001\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    with pytest.raises(TarFormatError, match="negative number") as info:
+        members(bytes(header) + bytes(2 * BLOCK))
+    assert info.value.offset == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_header_byte_sum_is_exact(seed: int) -> None:
+    import random
+
+    from s3pipes.stages._tarparse import _byte_sum
+
+    rng = random.Random(seed)
+    headers = [bytes(BLOCK), b"\xff" * BLOCK, *(rng.randbytes(BLOCK) for _ in range(200))]
+    assert [_byte_sum(header) for header in headers] == [sum(header) for header in headers]
