@@ -127,11 +127,9 @@ class Untar(Stage[TarMember]):
         return state
 
     def get_state(self) -> StateDict:
-        state: StateDict
-        if self._offset is None:
-            state = {SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}
-        else:
-            state = {SOURCE_KEY: self._shard_state, self.OFFSET_KEY: self._offset}
+        if self._offset is not None:
+            return self.state_at(self._offset)
+        state: StateDict = {SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}
         if self.on_error == "skip":
             state[SKIPPED_KEY] = self.skips.state()
         return state
