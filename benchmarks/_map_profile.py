@@ -110,7 +110,6 @@ def breakdown(
     key_batches = [keys[at : at + batch_size] for at in range(0, len(keys), batch_size)]
     n, count, single = len(urls), len(url_batches), urls[:SINGLE_GETS]
     store = s3pipes.Store(server.storage_options)
-    no_head = s3pipes.Store({**server.storage_options, "max_concurrency": 1})
     client = botocore_client(server.endpoint_url, server.key, server.secret, pool=DEFAULT_CONCURRENCY)
     blobs: list[list[bytes]] = []
 
@@ -134,8 +133,7 @@ def breakdown(
 
     with ThreadPoolExecutor(DEFAULT_CONCURRENCY, thread_name_prefix="bench-get") as pool:
         parts = [
-            measure(f"Store.read_ranges, batches of {batch_size} (HEAD + GET per object)", fetch(store)),
-            measure("the same, Store(max_concurrency=1): GET only", fetch(no_head)),
+            measure(f"Store.read_ranges, batches of {batch_size} (one GET per object)", fetch(store)),
             measure(
                 f"botocore get_object on {DEFAULT_CONCURRENCY} threads, same batches",
                 lambda: [list(pool.map(get, batch)) for batch in key_batches],

@@ -29,7 +29,6 @@ from s3pipes.server import LocalS3Server
 __all__ = [
     "BOTO3",
     "S3PIPES",
-    "S3PIPES_NO_HEAD",
     "S3TORCH",
     "IndexSampler",
     "MapReader",
@@ -118,11 +117,11 @@ class MapReader:
     optional: bool = False
 
 
-def _s3pipes(**options: Any) -> Make:
-    """s3pipes with its defaults, plus any extra s3fs ``options`` (for a tuning row)."""
+def _s3pipes() -> Make:
+    """s3pipes with its defaults."""
 
     def make(stack: contextlib.ExitStack, server: LocalS3Server, objects: Objects) -> Any:
-        store = s3pipes.Store({**server.storage_options, **options})
+        store = s3pipes.Store(server.storage_options)
         return s3pipes.MapDataset.from_prefix(objects.prefix, suffix=".png", transform=decode_png, store=store)
 
     return make
@@ -169,7 +168,6 @@ def _boto3(stack: contextlib.ExitStack, server: LocalS3Server, objects: Objects)
 
 
 S3PIPES = "s3pipes MapDataset"
-S3PIPES_NO_HEAD = "s3pipes MapDataset, Store(max_concurrency=1) [tuning: no HEAD per GET]"
 S3TORCH = "s3torchconnector S3MapDataset"
 BOTO3 = "naive boto3 get_object per item"
 
@@ -178,7 +176,6 @@ def map_readers() -> list[MapReader]:
     """Every reader, in table order."""
     return [
         MapReader(S3PIPES, _s3pipes()),
-        MapReader(S3PIPES_NO_HEAD, _s3pipes(max_concurrency=1)),
         MapReader(S3TORCH, _s3torch, optional=True),
         MapReader(BOTO3, _boto3),
     ]

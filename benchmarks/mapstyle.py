@@ -21,9 +21,7 @@ On that same data, in this one process:
    sampler=<those indices>, num_workers in {0, 2} (fork, persistent))`` over
    s3pipes ``MapDataset.from_prefix`` (the DataLoader calls its ``__getitems__`` with
    the whole batch: concurrent GETs), s3torchconnector ``S3MapDataset.from_prefix``
-   and a naive dataset doing one botocore ``get_object`` per item. One more s3pipes row
-   is a tuning experiment, not a shipped default: its Store passes s3fs
-   ``max_concurrency=1``, so s3fs GETs whole objects without HEADing each one first.
+   and a naive dataset doing one botocore ``get_object`` per item.
 
 Each loader runs one untimed warm-up pass (its first ``--warmup`` indices), then
 ``--repeats`` timed passes over all M; objects/s is of the best pass. Every pass is
