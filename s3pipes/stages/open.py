@@ -63,6 +63,11 @@ class ObjectStream:
         self._ahead: Future[bytes] | None = None  # the next block, being fetched
         self._pool: ThreadPoolExecutor | None = None
 
+    @property
+    def block_size(self) -> int:
+        """Bytes per ranged GET; a ``read`` of this size at a block boundary returns the block itself."""
+        return self._block_size
+
     def _fetch(self, start: int) -> Future[bytes]:
         assert self._size is not None
         if self._pool is None:
