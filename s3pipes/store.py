@@ -175,9 +175,10 @@ def _collect_before_fork() -> None:
     A Store in a reference cycle outlives its last use until the cycle collector runs. A
     child forked before that (a DataLoader worker) inherits it and, collecting it there,
     runs the clients' finalizers on a copy of the parent's event loop that no thread runs:
-    s3fs logged "attached to a different loop" errors and aiohttp "Unclosed connector"
-    warnings in every worker. Only in processes with s3pipes clients: a full collection costs
-    milliseconds to tens of them, next to the fork itself.
+    they waited for it (s3fs 0.1 s, our session 2 s, before it learnt to skip other
+    processes) or left "attached to a different loop" errors and "Unclosed connector"
+    warnings in every worker. Only in processes with s3pipes clients: a full collection
+    costs milliseconds to tens of them, next to the fork itself.
     """
     if _WITH_CLIENTS:
         gc.collect()
