@@ -64,8 +64,19 @@ class SkipLog:
             {"url": error.url, "member": error.member, "key": key, "offset": error.offset, "error": str(error)}
         )
 
+    @classmethod
+    def of(cls, stage_state: StateDict | None) -> SkipLog:
+        """The log kept in a stage's state (under ``SKIPPED_KEY``), or an empty one."""
+        return cls((stage_state or {}).get(SKIPPED_KEY))
+
     def state(self) -> StateDict:
         return {"count": self.count, "entries": [dict(entry) for entry in self.entries]}
+
+    def save_into(self, stage_state: StateDict, on_error: OnError) -> StateDict:
+        """``stage_state`` with this log under ``SKIPPED_KEY`` when the stage skips (else as it is)."""
+        if on_error == "skip":
+            stage_state[SKIPPED_KEY] = self.state()
+        return stage_state
 
 
 class Stage(BaseNode[T], Generic[T]):

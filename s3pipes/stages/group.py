@@ -14,7 +14,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict
 from s3pipes.errors import DataError, DecodeError, DuplicateField
-from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
+from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.tar import TarMember, Untar
 
 __all__ = ["GroupByKey", "Places", "add_field", "locate", "locate_from", "split_key"]
@@ -108,7 +108,7 @@ class GroupByKey(Stage[Sample]):
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
-        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
+        self.skips = SkipLog.of(initial_state)
         self._pending: tuple[TarMember, str, str] | None = None
         self._pending_state: StateDict | None = None
         self._recent: OrderedDict[tuple[str, str], Places] = OrderedDict()
@@ -193,7 +193,4 @@ class GroupByKey(Stage[Sample]):
             source_state = self.source.state_at(self._pending[0].offset)
         else:
             source_state = self._pending_state
-        state = {SOURCE_KEY: source_state}
-        if self.on_error == "skip":
-            state[SKIPPED_KEY] = self.skips.state()
-        return state
+        return self.skips.save_into({SOURCE_KEY: source_state}, self.on_error)

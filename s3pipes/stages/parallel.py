@@ -19,7 +19,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict, T, U
 from s3pipes.errors import DataError
-from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
+from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.group import locate_from
 
 __all__ = ["ParallelMap"]
@@ -52,7 +52,7 @@ class ParallelMap(Stage[U], Generic[T, U]):
         # (source state before the item was pulled, the work) for each item in flight
         self._in_flight: deque[tuple[StateDict, Future[U]]] = deque()
         self._exhausted = False
-        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
+        self.skips = SkipLog.of(initial_state)
 
     def _fill(self) -> None:
         if self._pool is None:
@@ -87,9 +87,7 @@ class ParallelMap(Stage[U], Generic[T, U]):
 
     def get_state(self) -> StateDict:
         state = {SOURCE_KEY: self._in_flight[0][0] if self._in_flight else self.source.state_dict()}
-        if self.on_error == "skip":
-            state[SKIPPED_KEY] = self.skips.state()
-        return state
+        return self.skips.save_into(state, self.on_error)
 
     def shutdown(self) -> None:
         """Stop the threads (pending work is dropped). Idempotent."""

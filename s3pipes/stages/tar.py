@@ -16,7 +16,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import StateDict
 from s3pipes.errors import CorruptShard
 from s3pipes.stages._tarparse import TarFormatError, TarReader
-from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
+from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.open import ObjectStream
 
 __all__ = ["TarMember", "Untar"]
@@ -68,7 +68,7 @@ class Untar(Stage[TarMember]):
         self.source.reset(state.get(SOURCE_KEY))
         self._shard_state: StateDict | None = state.get(SOURCE_KEY)
         self._offset: int | None = state.get(self.OFFSET_KEY)
-        self.skips = SkipLog(state.get(SKIPPED_KEY))
+        self.skips = SkipLog.of(state)
         if self._offset is not None:  # resume inside a shard: reopen it at the next member
             self._open_next(start=self._offset)
 
@@ -123,15 +123,9 @@ class Untar(Stage[TarMember]):
         What ``get_state()`` returned just before that member was returned, built without
         calling it for every member (``GroupByKey`` asks for it only for the member it holds).
         """
-        state: StateDict = {SOURCE_KEY: self._shard_state, self.OFFSET_KEY: offset}
-        if self.on_error == "skip":
-            state[SKIPPED_KEY] = self.skips.state()
-        return state
+        return self.skips.save_into({SOURCE_KEY: self._shard_state, self.OFFSET_KEY: offset}, self.on_error)
 
     def get_state(self) -> StateDict:
         if self._offset is not None:
             return self.state_at(self._offset)
-        state: StateDict = {SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}
-        if self.on_error == "skip":
-            state[SKIPPED_KEY] = self.skips.state()
-        return state
+        return self.skips.save_into({SOURCE_KEY: self.source.state_dict(), self.OFFSET_KEY: None}, self.on_error)

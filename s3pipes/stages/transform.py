@@ -10,7 +10,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict, T, U
 from s3pipes.errors import DataError
-from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, SkipLog, Stage, ThroughStage, check_on_error
+from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, ThroughStage, check_on_error
 from s3pipes.stages.group import locate_from
 
 __all__ = ["Batch", "Filter", "Map"]
@@ -31,7 +31,7 @@ class Map(ThroughStage[U], Generic[T, U]):
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
-        self.skips = SkipLog((initial_state or {}).get(SKIPPED_KEY))
+        self.skips = SkipLog.of(initial_state)
 
     def next(self) -> U:
         while True:
@@ -48,10 +48,7 @@ class Map(ThroughStage[U], Generic[T, U]):
             return out
 
     def get_state(self) -> StateDict:
-        state = super().get_state()
-        if self.on_error == "skip":
-            state[SKIPPED_KEY] = self.skips.state()
-        return state
+        return self.skips.save_into(super().get_state(), self.on_error)
 
 
 class Filter(ThroughStage[T]):
