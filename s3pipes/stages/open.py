@@ -19,7 +19,8 @@ Memory: at most two blocks (the one being read and the one being fetched).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -75,16 +76,26 @@ class ObjectStream:
         end = min(start + self._block_size, self._size)
         return self._pool.submit(self._store.read_bytes, self.url, start, end)
 
-    def read(self, size: int = -1) -> bytes:
+    @contextlib.contextmanager
+    def _naming_stage(self) -> Iterator[None]:
+        """Store errors raised inside name this stream's stage (when it has one)."""
         try:
-            return self._read(size)
+            yield
         except StoreError as exc:
             exc.in_stage(self._stage)
             raise
 
-    def _read(self, size: int) -> bytes:
+    def _object_size(self) -> int:
         if self._size is None:
             self._size = int(self._store.info(self.url)["size"])
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        with self._naming_stage():
+            return self._read(size)
+
+    def _read(self, size: int) -> bytes:
+        self._size = self._object_size()
         if size < 0:
             size = self._size - self._position
         parts: list[bytes] = [b""]
@@ -111,13 +122,8 @@ class ObjectStream:
         if whence == 1:
             offset += self._position
         elif whence == 2:
-            if self._size is None:
-                try:
-                    self._size = int(self._store.info(self.url)["size"])
-                except StoreError as exc:
-                    exc.in_stage(self._stage)
-                    raise
-            offset += self._size
+            with self._naming_stage():
+                offset += self._object_size()
         if offset < 0:
             raise ValueError(f"negative seek position {offset} in {self.url}")
         if not self._block_at <= offset < self._block_at + len(self._block):
