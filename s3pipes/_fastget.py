@@ -166,22 +166,26 @@ class FastGetter:
         that size): ``aiohttp``'s ``read()`` holds the chunks and their join at once, twice
         the range at its peak. A body cut short is resumed from the last byte received.
         """
-        self._ensure_session(8)
+        self._ensure_session()
         buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
         body = _Resumable(start, end, buffer)
         await self._request(self._object_url(bucket, key), body.headers, body.receive)
         return buffer
 
-    def _ensure_session(self, connections: int) -> None:
-        """Build the session on the running loop, once (its finalizer closes it on that loop)."""
+    def _ensure_session(self) -> None:
+        """Build the session on the running loop, once (its finalizer closes it on that loop).
+
+        Its pool has no limit of its own: every caller bounds its requests in flight (a
+        ``concurrency``, the transfer window). A pool limit fixed by whichever call came
+        first (a listing's 16, a write's 8) capped a later ``read_ranges(concurrency=32)``
+        at that many: measured on 4 KB objects, 1,950 GETs/s instead of 2,400.
+        """
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=max(connections, 8)), timeout=self._timeout
-            )
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
             weakref.finalize(self, _close, self._session, asyncio.get_running_loop(), os.getpid())
 
     async def _fetch_all(self, ranges: Sequence[Range], concurrency: int) -> list[bytes | BaseException]:
-        self._ensure_session(concurrency)
+        self._ensure_session()
         gate = asyncio.Semaphore(concurrency)
         return await asyncio.gather(*(self._get(gate, *item) for item in ranges), return_exceptions=True)
 
@@ -197,7 +201,7 @@ class FastGetter:
         return dict(fsspec.asyn.sync(loop, self._head, bucket, key))
 
     async def _head(self, bucket: str, key: str) -> dict[str, Any]:
-        self._ensure_session(8)
+        self._ensure_session()
         headers = await self._request(self._object_url(bucket, key), {}, _headers, method="HEAD")
         return {
             "name": f"{bucket}/{key}",
@@ -214,7 +218,7 @@ class FastGetter:
         return dict(fsspec.asyn.sync(loop, self._list_all, bucket, prefix))
 
     async def _list_all(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        self._ensure_session(16)
+        self._ensure_session()
         found, subprefixes = await self._list(bucket, prefix, delimiter="/")
         for part in await asyncio.gather(*(self._list(bucket, sub, delimiter="") for sub in subprefixes)):
             found.update(part[0])
@@ -252,7 +256,7 @@ class FastGetter:
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         """A new multipart upload's id."""
-        self._ensure_session(8)
+        self._ensure_session()
         body = await self._request(self._object_url(bucket, key) + "?uploads", {}, _read_all, method="POST")
         upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
         if not upload_id:
@@ -300,7 +304,7 @@ class FastGetter:
                 raise
 
     async def put_object(self, bucket: str, key: str, body: memoryview) -> None:
-        self._ensure_session(8)
+        self._ensure_session()
         await self._request(self._object_url(bucket, key), {}, _read_all, method="PUT", data=body)
 
     def _object_url(self, bucket: str, key: str) -> str:

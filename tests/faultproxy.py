@@ -136,7 +136,8 @@ class FaultProxy:
     Attributes:
         endpoint_url: where clients connect (``http://127.0.0.1:PORT``).
         requests: requests seen; ``faults``: faults injected per kind; ``log``: one
-            ``(method, target, kind or "")`` per request; ``refused``: requests refused.
+            ``(method, target, kind or "")`` per request; ``refused``: requests refused;
+            ``peak_in_flight``: the most requests being answered at once.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self.max_requests, self.max_lifetime = max_requests, max_lifetime
         self.requests, self.refused = 0, 0
+        self.peak_in_flight, self._in_flight = 0, 0
         self.faults: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str, str]] = []
         self._started = time.monotonic()
@@ -182,7 +184,7 @@ class FaultProxy:
         self.rules = list(rules)
 
     def reset_counters(self) -> None:
-        self.requests, self.refused = 0, 0
+        self.requests, self.refused, self.peak_in_flight = 0, 0, 0
         self.faults.clear()
         self.log.clear()
 
@@ -275,6 +277,23 @@ class FaultProxy:
             await client_w.drain()
         body = await _read_body(client_r, headers)
         self.requests += 1
+        self._in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
+        try:
+            await self._answer(client_w, upstream, method, target, head, body)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(
+        self,
+        client_w: asyncio.StreamWriter,
+        upstream: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
+        method: str,
+        target: str,
+        head: bytes,
+        body: bytes,
+    ) -> None:
+        """Answer one request read from the client: a fault, a refusal or the server's response."""
         if self.requests > self.max_requests:
             self.refused += 1
             self.log.append((method, target, "refused"))

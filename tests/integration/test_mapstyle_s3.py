@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader
 import s3pipes as sp
 from s3pipes import MapDataset, Store
 from s3pipes.index import write_manifest
+from s3pipes.server import LocalS3Server
+from tests.faultproxy import FaultProxy, Rule
 from tests.unit.test_pipe import write_shards
 
 pytestmark = pytest.mark.integration
@@ -25,6 +27,22 @@ def test_objects_by_key_with_labels_through_a_dataloader(s3_store: Store, s3_roo
     loader = DataLoader(ds, batch_size=8, shuffle=True, num_workers=2, collate_fn=list, multiprocessing_context="fork")
     seen = sorted(item for batch in loader for item in batch)
     assert seen == sorted(ds[i] for i in range(30))
+
+
+def test_a_batch_has_its_whole_concurrency_in_flight_after_a_listing(
+    s3_server: LocalS3Server, s3_store: Store, s3_root: str
+) -> None:
+    """The first call on a Store (here the listing) must not size the connection pool for every later one:
+    a pool of 16 once capped ``__getitems__`` at 16 GETs in flight whatever its ``concurrency``."""
+    for n in range(40):
+        s3_store.write_bytes(f"{s3_root}/items/{n:05d}.bin", bytes([n]))
+    with FaultProxy(s3_server.endpoint_url, max_lifetime=60) as proxy:
+        store = Store({**s3_server.storage_options, "endpoint_url": proxy.endpoint_url})
+        ds = MapDataset.from_prefix(f"{s3_root}/items/", store=store, manifest=False, concurrency=32)
+        proxy.set_rules([Rule("delay", seconds=0.5, methods=("GET",), path_contains="/items/0")])
+        proxy.reset_counters()
+        assert ds.__getitems__(list(range(40))) == [bytes([n]) for n in range(40)]
+        assert proxy.peak_in_flight == 32, "every GET of the batch is answered late: all 32 allowed wait at once"
 
 
 def test_missing_object_in_a_batch_names_it(s3_store: Store, s3_root: str) -> None:
