@@ -1,11 +1,12 @@
-"""A low-CPU S3 path (GETs, ranges, listings, multipart uploads): SigV4 signing, aiohttp's HTTP.
+"""A low-CPU S3 path (GETs, ranges, listings, multipart uploads): SigV4 signing, a small HTTP/1.1 client.
 
 Why: benchmarks/mapstyle.py measured aiobotocore (under s3fs) at ~1.2 ms of client CPU
 per GET (event hooks, user-agent building, endpoint rules, response parsing), which
 capped a map-style dataset of 4 KB objects at ~820 objects/s on 2 cores. Signing with
 botocore's ``S3SigV4Auth`` and sending with aiohttp (both already dependencies) cost
 ~0.4 ms: ~2,000 objects/s on the same batches; signing with :mod:`s3pipes._sigv4`
-instead (the same signatures, 96 -> ~15 us each) took it to ~0.3 ms. It is used only where it is exact: a
+instead (the same signatures, 96 -> ~15 us each) took it to ~0.3 ms, and sending with
+:mod:`s3pipes._http` instead of aiohttp's session to ~0.12 ms. It is used only where it is exact: a
 custom endpoint with path-style addressing (MinIO, SeaweedFS, ...) and explicit
 credentials; everything else goes through s3fs. Errors come back as botocore
 ``ClientError``/aiohttp exceptions, so :func:`s3pipes.errors.translate` maps them as
@@ -33,12 +34,11 @@ from urllib.parse import quote, urlencode
 from xml.etree import ElementTree
 
 import aiohttp
-import aiohttp.abc
-import aiohttp.payload
 import fsspec.asyn
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
+from s3pipes._http import Client, Response
 from s3pipes._sigv4 import Signer
 
 __all__ = ["FastGetter"]
@@ -55,29 +55,8 @@ Range = tuple[str, str, int | None, int | None]  # bucket, key, start, end (excl
 Body = TypeVar("Body")
 
 
-async def _read_all(response: aiohttp.ClientResponse) -> bytes:
+async def _read_all(response: Response) -> bytes:
     return await response.read()
-
-
-class _ViewPayload(aiohttp.payload.Payload):
-    """A request body sent from a memoryview in 1 MiB writes, without a copy.
-
-    aiohttp's own payload for bytes writes the body in one call and warns (a
-    ResourceWarning) past 1 MiB; its file payloads read on a thread, chunk by chunk.
-    """
-
-    _CHUNK = 1 << 20
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__(view, content_type="application/octet-stream")
-        self._size = self._nbytes = view.nbytes
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return bytes(self._value).decode(encoding, errors)
-
-    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
-        for start in range(0, self._nbytes, self._CHUNK):
-            await writer.write(self._value[start : start + self._CHUNK])
 
 
 class _Resumable:
@@ -103,21 +82,21 @@ class _Resumable:
             headers["If-Match"] = self._etag
         return headers
 
-    async def receive(self, response: aiohttp.ClientResponse) -> None:
-        """Take the body; aiohttp raises ClientPayloadError if it ends before its Content-Length."""
+    async def receive(self, response: Response) -> None:
+        """Take the body; the client raises ClientPayloadError if it ends before its Content-Length."""
         if self._etag is None:
-            self._etag = response.headers.get("ETag")
+            self._etag = response.headers.get("etag")
         if response.status == 200 and self._start + self._received > 0:  # the Range was ignored: whole object
             if self._start or self._buffer is not None:
                 raise aiohttp.ClientPayloadError(f"{response.url}: the store ignored the Range of a ranged read")
             self._chunks, self._received = [], 0  # a resumed whole-object read: start again from this answer
         if self._buffer is None:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 self._chunks.append(chunk)
                 self._received += len(chunk)
             return
         size = len(self._buffer)  # a range inside the object: exactly this many bytes
-        async for chunk in response.content.iter_any():
+        async for chunk in response.chunks():
             if self._received + len(chunk) > size:
                 raise aiohttp.ClientPayloadError(f"{response.url}: more than the {size} bytes asked for")
             self._buffer[self._received : self._received + len(chunk)] = chunk
@@ -129,28 +108,28 @@ class _Resumable:
         return b"".join(self._chunks)
 
 
-async def _headers(response: aiohttp.ClientResponse) -> dict[str, str]:
+async def _headers(response: Response) -> dict[str, str]:
     """The response's headers, names lowercased (servers differ: ``ETag``, ``Etag``)."""
     await response.read()
-    return {name.lower(): value for name, value in response.headers.items()}
+    return response.headers
 
 
-async def _etag(response: aiohttp.ClientResponse) -> str:
+async def _etag(response: Response) -> str:
     await response.read()
-    return response.headers["ETag"]
+    return response.headers["etag"]
 
 
 class FastGetter:
     """Concurrent GETs of whole objects or byte ranges from a path-style S3 endpoint.
 
-    Runs on fsspec's I/O event loop, one aiohttp session per process (built on first use).
+    Runs on fsspec's I/O event loop, one HTTP client per process (built on first use).
     """
 
     def __init__(self, endpoint: str, credentials: Credentials, region: str, *, timeouts: tuple[float, float]) -> None:
         self._endpoint = endpoint.rstrip("/")
         self._signer = Signer(credentials.access_key, credentials.secret_key, credentials.token, region)
-        self._timeout = aiohttp.ClientTimeout(connect=timeouts[0], sock_read=timeouts[1])
-        self._session: aiohttp.ClientSession | None = None
+        self._timeouts = timeouts
+        self._client: Client | None = None
 
     def fetch(self, ranges: Sequence[Range], *, concurrency: int) -> list[bytes | BaseException]:
         """Every range's bytes, or the exception that ended its last attempt, in order."""
@@ -163,29 +142,30 @@ class FastGetter:
         """The bytes ``[start, end)`` of an object, a coroutine for fsspec's loop (parallel ranged reads).
 
         The body is received into one buffer of its size (``into``, when it is given and has
-        that size): ``aiohttp``'s ``read()`` holds the chunks and their join at once, twice
+        that size): a ``read()`` holds the chunks and their join at once, twice
         the range at its peak. A body cut short is resumed from the last byte received.
         """
-        self._ensure_session()
+        self._ensure_client()
         buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
         body = _Resumable(start, end, buffer)
         await self._request(self._object_url(bucket, key), body.headers, body.receive)
         return buffer
 
-    def _ensure_session(self) -> None:
-        """Build the session on the running loop, once (its finalizer closes it on that loop).
+    def _ensure_client(self) -> None:
+        """Build the HTTP client on the running loop, once (its finalizer closes it on that loop).
 
         Its pool has no limit of its own: every caller bounds its requests in flight (a
         ``concurrency``, the transfer window). A pool limit fixed by whichever call came
         first (a listing's 16, a write's 8) capped a later ``read_ranges(concurrency=32)``
         at that many: measured on 4 KB objects, 1,950 GETs/s instead of 2,400.
         """
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
-            weakref.finalize(self, _close, self._session, asyncio.get_running_loop(), os.getpid())
+        if self._client is None:
+            connect, read = self._timeouts
+            self._client = Client(self._endpoint, connect_timeout=connect, read_timeout=read)
+            weakref.finalize(self, _close, self._client, asyncio.get_running_loop(), os.getpid())
 
     async def _fetch_all(self, ranges: Sequence[Range], concurrency: int) -> list[bytes | BaseException]:
-        self._ensure_session()
+        self._ensure_client()
         gate = asyncio.Semaphore(concurrency)
         return await asyncio.gather(*(self._get(gate, *item) for item in ranges), return_exceptions=True)
 
@@ -201,7 +181,7 @@ class FastGetter:
         return dict(fsspec.asyn.sync(loop, self._head, bucket, key))
 
     async def _head(self, bucket: str, key: str) -> dict[str, Any]:
-        self._ensure_session()
+        self._ensure_client()
         headers = await self._request(self._object_url(bucket, key), {}, _headers, method="HEAD")
         return {
             "name": f"{bucket}/{key}",
@@ -218,7 +198,7 @@ class FastGetter:
         return dict(fsspec.asyn.sync(loop, self._list_all, bucket, prefix))
 
     async def _list_all(self, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
-        self._ensure_session()
+        self._ensure_client()
         found, subprefixes = await self._list(bucket, prefix, delimiter="/")
         for part in await asyncio.gather(*(self._list(bucket, sub, delimiter="") for sub in subprefixes)):
             found.update(part[0])
@@ -256,7 +236,7 @@ class FastGetter:
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         """A new multipart upload's id."""
-        self._ensure_session()
+        self._ensure_client()
         body = await self._request(self._object_url(bucket, key) + "?uploads", {}, _read_all, method="POST")
         upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
         if not upload_id:
@@ -304,7 +284,7 @@ class FastGetter:
                 raise
 
     async def put_object(self, bucket: str, key: str, body: memoryview) -> None:
-        self._ensure_session()
+        self._ensure_client()
         await self._request(self._object_url(bucket, key), {}, _read_all, method="PUT", data=body)
 
     def _object_url(self, bucket: str, key: str) -> str:
@@ -314,7 +294,7 @@ class FastGetter:
         self,
         url: str,
         headers: Mapping[str, str] | Callable[[], Mapping[str, str]],
-        receive: Callable[[aiohttp.ClientResponse], Awaitable[Body]],
+        receive: Callable[[Response], Awaitable[Body]],
         *,
         method: str = "GET",
         data: memoryview | None = None,
@@ -330,15 +310,14 @@ class FastGetter:
             given = headers() if callable(headers) else headers
             signed = self._signer.sign(method, url, given, unsigned_payload=data is not None)  # a retry: a fresh date
             try:
-                assert self._session is not None
-                body_payload = _ViewPayload(data) if data is not None else None
-                async with self._session.request(method, url, headers=signed, data=body_payload) as response:
+                assert self._client is not None
+                async with self._client.request(method, url, headers=signed, body=data) as response:
                     status = response.status
                     if status in (200, 204, 206):
                         return await receive(response)
                     body = await response.read()
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts are both: a stall is not retried,
+                if isinstance(exc, asyncio.TimeoutError):  # the client's timeouts are both: a stall is not retried,
                     raise  # so the timeout bounds the wait
                 if attempt == _ATTEMPTS:
                     exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
@@ -353,26 +332,21 @@ class FastGetter:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_session"] = None  # connections stay with their process
+        state["_client"] = None  # connections stay with their process
         return state
 
 
-def _close(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop, pid: int) -> None:
-    """Close the session on its loop (from a finalizer: never wait long, never raise).
+def _close(client: Client, loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    """Close the client's connections on its loop (from a finalizer: never wait, never raise).
 
     Not in a forked child (``pid`` is the creator's): there the copied loop looks running but
     no thread runs it, and waiting for it stalled each DataLoader worker that collected a getter
     inherited from its parent by 2 s (measured: 20k samples through 2 workers, 4.6 -> 6.7 s).
     """
-    if os.getpid() != pid or session.closed or loop.is_closed() or not loop.is_running():
+    if os.getpid() != pid or client.closed or loop.is_closed():
         return
-    with contextlib.suppress(RuntimeError):
-        if asyncio.get_running_loop() is loop:  # collected on the loop's own thread: waiting would block it
-            loop.create_task(session.close())
-            return
-    future = asyncio.run_coroutine_threadsafe(session.close(), loop)
-    with contextlib.suppress(Exception):
-        future.result(timeout=2)
+    with contextlib.suppress(RuntimeError):  # the loop closed in between
+        loop.call_soon_threadsafe(client.close)
 
 
 def _client_error(status: int, body: bytes, operation: str = "GetObject") -> ClientError:

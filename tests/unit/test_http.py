@@ -1,0 +1,271 @@
+"""s3pipes._http against a scripted loopback server: framing, keep-alive, and each way a response can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from s3pipes._http import Client
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _request_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    line, *rest = head.split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in rest if x)}
+    return line, headers
+
+
+def serve(handler: Handler, test: Callable[[Client], Awaitable[None]], *, read_timeout: float = 5) -> list[str]:
+    """Run ``test`` against a server answering each connection with ``handler``; the request lines it saw."""
+    seen: list[str] = []
+
+    async def main() -> None:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append("connect")
+            try:
+                await handler(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                pass  # the client went, or the test ended
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(connection, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = Client(f"http://127.0.0.1:{port}", connect_timeout=2, read_timeout=read_timeout)
+        try:
+            await test(client)
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+    return seen
+
+
+async def get(client: Client, path: str = "/b/k", method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    url = f"http://127.0.0.1{path}"
+    async with client.request(method, url, headers={"X-Test": "1"}, body=memoryview(body) if body else None) as r:
+        return r.status, await r.read()
+
+
+def test_content_length_bodies_reuse_one_connection() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            line, headers = await _request_head(reader)
+            body = f"{line}|{headers['host']}|{headers['x-test']}".encode()
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: "e"\r\n\r\n%s' % (len(body), body))
+            await writer.drain()
+
+    results: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        results.append(await get(client, "/b/one?x=1"))
+        results.append(await get(client, "/b/two"))
+
+    seen = serve(handler, test)
+    port = results[0][1].split(b"|")[1].split(b":")[1]
+    assert results == [
+        (200, b"GET /b/one?x=1 HTTP/1.1|127.0.0.1:%s|1" % port),
+        (200, b"GET /b/two HTTP/1.1|127.0.0.1:%s|1" % port),
+    ]
+    assert seen == ["connect"], "the second request went over the first connection"
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_chunked_body_with_extensions_and_trailers_in_any_pieces(piece: int) -> None:
+    payload = os.urandom(10_000)
+    chunks = [payload[:1], payload[1:4000], payload[4000:]]
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    wire += b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await _request_head(reader)
+            for start in range(0, len(wire), piece):
+                writer.write(wire[start : start + piece])
+                await writer.drain()
+
+    got: list[bytes] = []
+
+    async def test(client: Client) -> None:
+        got.extend([(await get(client))[1], (await get(client))[1]])
+
+    seen = serve(handler, test)
+    assert got == [payload, payload] and seen == ["connect"]
+
+
+def test_body_to_the_connection_end_is_whole_and_the_connection_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        got.extend([await get(client), await get(client)])
+
+    assert serve(handler, test) == ["connect", "connect"]
+    assert got == [(200, b"until the end")] * 2
+
+
+def test_head_and_no_content_replies_have_no_body() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12345\r\n\r\n")  # HEAD: the size, no body
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    got: list[object] = []
+
+    async def test(client: Client) -> None:
+        async with client.request("HEAD", "http://127.0.0.1/b/k", headers={}) as r:
+            got.append((r.status, r.headers["content-length"], await r.read()))
+        got.extend([await get(client, method="DELETE"), await get(client)])
+
+    assert serve(handler, test) == ["connect"]
+    assert got == [(200, "12345", b""), (204, b""), (200, b"ok")]
+
+
+def test_request_body_is_sent_whole_with_its_length() -> None:
+    payload = os.urandom(3 << 20)  # several of the client's 1 MiB writes
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, headers = await _request_head(reader)
+        body = await reader.readexactly(int(headers["content-length"]))
+        digest = hashlib.sha256(body).hexdigest().encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest))
+        await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        got.append(await get(client, method="PUT", body=payload))
+
+    serve(handler, test)
+    assert got == [(200, hashlib.sha256(payload).hexdigest().encode())]
+
+
+def test_large_body_read_slowly_arrives_whole() -> None:
+    payload = os.urandom(24 << 20)  # past the buffer at which the client stops reading the socket
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        writer.write(payload)
+        await writer.drain()
+
+    digest = hashlib.sha256()
+
+    async def test(client: Client) -> None:
+        async with client.request("GET", "http://127.0.0.1/b/big", headers={}) as r:
+            async for piece in r.chunks():
+                digest.update(piece)
+                await asyncio.sleep(0)  # let more arrive than is read
+
+    serve(handler, test)
+    assert digest.digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_body_cut_short_is_a_payload_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 40)
+        await writer.drain()
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ClientPayloadError, match="before the response body's end"):
+            await get(client)
+
+    serve(handler, test)
+
+
+def test_a_connection_closed_before_the_reply_is_a_disconnect() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await get(client)
+
+    serve(handler, test)
+
+
+@pytest.mark.parametrize("where", ["head", "body"])
+def test_a_stall_times_out_as_a_timeout_error(where: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        if where == "body":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nxx")
+            await writer.drain()
+        await asyncio.sleep(3)
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerTimeoutError, match=r"no data from the server for 0\.2 s") as caught:
+            await get(client)
+        assert isinstance(caught.value, TimeoutError)
+
+    serve(handler, test, read_timeout=0.2)
+
+
+def test_refused_connection_names_the_cause() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+
+    async def main() -> None:
+        client = Client(f"http://127.0.0.1:{port}", connect_timeout=2, read_timeout=2)
+        with pytest.raises(aiohttp.ClientOSError, match=rf"cannot connect to 127\.0\.0\.1:{port}") as caught:
+            await get(client)
+        assert isinstance(caught.value.__cause__, ConnectionRefusedError)
+
+    asyncio.run(main())
+
+
+def test_endpoint_must_be_http_with_a_host() -> None:
+    with pytest.raises(ValueError, match="must be http"):
+        Client("ftp://example.com", connect_timeout=1, read_timeout=1)
+
+
+def test_an_early_reply_stops_the_request_body_and_is_returned() -> None:
+    """A server refusing an upload answers before reading its body: the client must not wait to send it all."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied")
+        await writer.drain()
+        await asyncio.sleep(3)  # neither reads the body nor closes
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        got.append(await asyncio.wait_for(get(client, method="PUT", body=os.urandom(64 << 20)), 2))
+
+    serve(handler, test, read_timeout=1)
+    assert got == [(403, b"denied")]
+
+
+def test_a_malformed_head_is_a_disconnect_naming_it() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 abc Nonsense\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerDisconnectedError, match=r"a malformed response head: 'HTTP/1\.1 abc"):
+            await get(client)
+
+    serve(handler, test)
