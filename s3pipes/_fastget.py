@@ -125,8 +125,17 @@ class FastGetter:
     Runs on fsspec's I/O event loop, one HTTP client per process (built on first use).
     """
 
-    def __init__(self, endpoint: str, credentials: Credentials, region: str, *, timeouts: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        credentials: Credentials,
+        region: str,
+        *,
+        timeouts: tuple[float, float],
+        verify: bool | str = True,
+    ) -> None:
         self._endpoint = endpoint.rstrip("/")
+        self._verify = verify
         self._signer = Signer(credentials.access_key, credentials.secret_key, credentials.token, region)
         self._timeouts = timeouts
         self._client: Client | None = None
@@ -161,7 +170,7 @@ class FastGetter:
         """
         if self._client is None:
             connect, read = self._timeouts
-            self._client = Client(self._endpoint, connect_timeout=connect, read_timeout=read)
+            self._client = Client(self._endpoint, connect_timeout=connect, read_timeout=read, verify=self._verify)
             weakref.finalize(self, _close, self._client, asyncio.get_running_loop(), os.getpid())
 
     async def _fetch_all(self, ranges: Sequence[Range], concurrency: int) -> list[bytes | BaseException]:

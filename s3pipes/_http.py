@@ -330,19 +330,31 @@ class _Exchange:
             self._response.release()
 
 
+def _tls_context(verify: bool | str) -> ssl.SSLContext:
+    """What botocore's ``verify`` means: True (the default CAs), a CA bundle's path, or False (no checks)."""
+    if verify is False:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+
+
 class Client:
     """Requests to one endpoint (``http(s)://host:port``) over a pool of keep-alive connections.
 
     The pool has no size limit: callers bound their requests in flight. Use it on one event loop.
+    ``verify`` (https): True for the default CAs, a CA bundle's path, or False to skip the checks.
     """
 
-    def __init__(self, endpoint: str, *, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(
+        self, endpoint: str, *, connect_timeout: float, read_timeout: float, verify: bool | str = True
+    ) -> None:
         parts = urlsplit(endpoint)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{endpoint=} must be http(s)://host[:port]")
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self._ssl = _tls_context(verify) if parts.scheme == "https" else None
         default = (parts.scheme == "http" and self._port == 80) or (parts.scheme == "https" and self._port == 443)
         host = f"[{self._host}]" if ":" in self._host else self._host
         self._host_header = host if default else f"{host}:{self._port}"

@@ -18,6 +18,8 @@ credentials               ``storage_options["key"/"secret"/"token"]``,
                           ``AWS_SESSION_TOKEN``, then botocore's chain (profile, ...)
 region                    ``client_kwargs["region_name"]``, ``AWS_REGION``,
                           ``AWS_DEFAULT_REGION``; with a custom endpoint "us-east-1"
+TLS certificates          ``client_kwargs["verify"]`` (a CA bundle's path, or False),
+                          ``AWS_CA_BUNDLE``; none = the default CAs
 addressing                path-style for a custom endpoint (``http://localhost:9000``)
 ========================  =============================================================
 
@@ -71,6 +73,7 @@ _AWS_VARIABLES = (
     "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
+    "AWS_CA_BUNDLE",
 )
 _WRITE_MODES, _READ_MODES = ("wb",), ("rb",)
 _log = logging.getLogger(__name__)
@@ -148,6 +151,8 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
         region = "us-east-1"  # any region signs for a custom endpoint; botocore needs one
     if region is not None:
         client_kwargs["region_name"] = region
+    if "verify" not in client_kwargs and env.get("AWS_CA_BUNDLE"):
+        client_kwargs["verify"] = env["AWS_CA_BUNDLE"]  # so a .env file's bundle counts too
     options["client_kwargs"] = client_kwargs
     config = dict(options.pop("config_kwargs", {}))
     config.setdefault("connect_timeout", timeouts[0])
@@ -556,7 +561,10 @@ class Store:
 
             credentials = Credentials(s3["key"], s3["secret"], s3.get("token"))
             region = s3["client_kwargs"].get("region_name", "us-east-1")
-            self._getter = FastGetter(str(s3["endpoint_url"]), credentials, region, timeouts=self._timeouts)
+            verify = s3["client_kwargs"].get("verify", True)  # TLS as botocore checks it
+            self._getter = FastGetter(
+                str(s3["endpoint_url"]), credentials, region, timeouts=self._timeouts, verify=verify
+            )
             _WITH_CLIENTS.add(self)
         return self._getter
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -269,3 +273,50 @@ def test_a_malformed_head_is_a_disconnect_naming_it() -> None:
             await get(client)
 
     serve(handler, test)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (as a MinIO with its own CA has): (cert, key) paths."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.parametrize("verify", ["bundle", False, True])
+def test_https_checks_the_certificate_as_verify_says(certificate: tuple[str, str], verify: str | bool) -> None:
+    cert, key = certificate
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            await _request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+            await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_tls)
+        port = server.sockets[0].getsockname()[1]
+        checks = cert if verify == "bundle" else verify
+        client = Client(f"https://127.0.0.1:{port}", connect_timeout=5, read_timeout=5, verify=checks)
+        try:
+            if verify is True:  # the default CAs do not know this certificate
+                with pytest.raises(aiohttp.ClientOSError) as caught:
+                    await get(client)
+                assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
+            else:
+                assert await get(client) == (200, b"secret")
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())

@@ -57,6 +57,20 @@ def test_credentials_and_region_from_environment(monkeypatch: pytest.MonkeyPatch
     assert s3(Store.from_env())["region"] == "eu-west-3"
 
 
+def test_ca_bundle_from_environment_or_env_file_unless_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A MinIO with its own CA: botocore and the fast path both check TLS with ``client_kwargs["verify"]``."""
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    assert "verify" not in Store.from_env().resolved_options("s3://b/k")["client_kwargs"]
+    monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/minio/ca.pem")
+    assert Store.from_env().resolved_options("s3://b/k")["client_kwargs"]["verify"] == "/etc/minio/ca.pem"
+    given = Store.from_env({"client_kwargs": {"verify": False}})
+    assert given.resolved_options("s3://b/k")["client_kwargs"]["verify"] is False
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    (tmp_path / ".env").write_text("AWS_CA_BUNDLE=/from/dotenv.pem\n")
+    from_file = Store.from_env(env_file=tmp_path / ".env")
+    assert from_file.resolved_options("s3://b/k")["client_kwargs"]["verify"] == "/from/dotenv.pem"
+
+
 def test_custom_endpoint_uses_path_style_and_short_timeouts() -> None:
     config = s3(Store({"endpoint_url": ENDPOINT}, connect_timeout=1.5))["config"]
     assert isinstance(config, dict)
