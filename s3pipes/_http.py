@@ -38,6 +38,7 @@ _HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
 _PAUSE_AT = 4 << 20  # body bytes received but not yet read before the socket stops being read
 _WRITE = 1 << 20  # a request body goes out in writes of this size
 _NO_BODY = frozenset({204, 304})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 
 
 class _Connection(asyncio.Protocol):
@@ -73,18 +74,20 @@ class _Connection(asyncio.Protocol):
             return
         if self._head is None:
             self._pending += data
-            end = self._pending.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self._pending) > _HEAD_LIMIT:
-                    self._fail(aiohttp.ServerDisconnectedError(f"a response head longer than {_HEAD_LIMIT} bytes"))
-                return
-            head = bytes(self._pending[:end]).decode("latin-1")
-            try:
-                self._parse_head(head)
-            except (ValueError, IndexError):
-                self._fail(aiohttp.ServerDisconnectedError(f"a malformed response head: {head[:200]!r}"))
-                return
-            data = bytes(self._pending[end + 4 :])
+            while self._head is None:
+                end = self._pending.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._pending) > _HEAD_LIMIT:
+                        self._fail(aiohttp.ServerDisconnectedError(f"a response head over {_HEAD_LIMIT} bytes"))
+                    return
+                head = bytes(self._pending[:end]).decode("latin-1")
+                del self._pending[: end + 4]
+                try:
+                    self._parse_head(head)  # an interim 1xx head leaves _head None: the real one follows
+                except (ValueError, IndexError):
+                    self._fail(aiohttp.ServerDisconnectedError(f"a malformed response head: {head[:200]!r}"))
+                    return
+            data = bytes(self._pending)
             self._pending.clear()
             self._writable()  # a reply before the whole request body went: stop sending it
         if data:
@@ -94,9 +97,14 @@ class _Connection(asyncio.Protocol):
                 self.keep_alive = False
         self._wake()
 
+    def eof_received(self) -> bool:
+        """The server will send no more: never reuse this socket (asyncio closes it)."""
+        self.keep_alive = False
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._mode == "close":  # the body ran to the connection's end: complete
+        if self._mode == "close" and exc is None:  # the body ran to the connection's clean end: complete
             self._mode = ""
         elif self._in_response and self._error is None:
             if self._head is None:
@@ -128,16 +136,18 @@ class _Connection(asyncio.Protocol):
             name, _, value = line.partition(":")
             name = name.strip().lower()
             headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
-        status = int(rest[:3])
+        status = _count(rest[:3], 10)
+        if 100 <= status < 200 and status != 101:
+            return  # interim (100 Continue, 103 Early Hints): the final head follows
         self._head = (status, headers)
         connection = headers.get("connection", "").lower()
-        self.keep_alive = version == "HTTP/1.1" and "close" not in connection
-        if status in _NO_BODY or 100 <= status < 200 or self._method == "HEAD":
+        self.keep_alive = version == "HTTP/1.1" and "close" not in connection and status != 101
+        if status in _NO_BODY or status == 101 or self._method == "HEAD":
             self._mode = ""
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode, self._chunk_state = "chunked", "size"
         elif "content-length" in headers:
-            self._mode, self._left = "length", int(headers["content-length"])
+            self._mode, self._left = "length", _count(headers["content-length"], 10)
             if self._left == 0:
                 self._mode = ""
         else:
@@ -163,11 +173,13 @@ class _Connection(asyncio.Protocol):
             if self._chunk_state == "size":
                 end = pending.find(b"\r\n")
                 if end < 0:
+                    if len(pending) > _HEAD_LIMIT:
+                        self._fail(aiohttp.ClientPayloadError(f"a chunk size line over {_HEAD_LIMIT} bytes"))
                     return
-                size_text = bytes(pending[:end]).split(b";", 1)[0].strip()
+                size_text = bytes(pending[:end]).split(b";", 1)[0].strip().decode("latin-1")
                 del pending[: end + 2]
                 try:
-                    self._left = int(size_text, 16)
+                    self._left = _count(size_text, 16)
                 except ValueError:
                     self._fail(aiohttp.ClientPayloadError(f"a bad chunk size {size_text!r}"))
                     return
@@ -184,11 +196,16 @@ class _Connection(asyncio.Protocol):
             elif self._chunk_state == "crlf":
                 if len(pending) < 2:
                     return
+                if pending[:2] != b"\r\n":
+                    self._fail(aiohttp.ClientPayloadError("a chunk not followed by CRLF"))
+                    return
                 del pending[:2]
                 self._chunk_state = "size"
             else:  # trailer lines, then an empty line
                 end = pending.find(b"\r\n")
                 if end < 0:
+                    if len(pending) > _HEAD_LIMIT:
+                        self._fail(aiohttp.ClientPayloadError(f"trailers over {_HEAD_LIMIT} bytes"))
                     return
                 del pending[: end + 2]
                 if end == 0:
@@ -207,10 +224,9 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
-        self.keep_alive = False
-        if self.transport is not None:
-            self.transport.close()
+        self.close()
         self._wake()
+        self._writable()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -227,8 +243,8 @@ class _Connection(asyncio.Protocol):
         if body is None:
             return
         for start in range(0, body.nbytes, _WRITE):
-            if self.closed or self._head is not None:  # dropped, or answered early: the head read says which
-                self.keep_alive = False  # a request body cut short: this socket's state is unknown
+            if self.closed or self._head is not None or self._error is not None:
+                self.keep_alive = False  # dropped, failed or answered early: the head read says which
                 return
             self.transport.write(body[start : start + _WRITE])
             if self._drained is not None:
@@ -260,10 +276,18 @@ class _Connection(asyncio.Protocol):
         return data
 
     def finish(self) -> bool:
-        """End the exchange: True if this socket can carry another (its response was read to the end)."""
+        """End the exchange: True if this socket can carry another (its response read to the end, its request
+        sent whole: an early reply can come while request bytes still wait in the transport)."""
         done = self._head is not None and not self._mode and not self._body and self._error is None
         self._in_response = False
-        return done and self.keep_alive and not self.closed
+        transport = self.transport
+        sent = transport is not None and not transport.is_closing() and transport.get_write_buffer_size() == 0
+        return done and sent and self.keep_alive and not self.closed
+
+    def reusable(self) -> bool:
+        """Idle and still open (a server's FIN or a reset may have come since)."""
+        transport = self.transport
+        return not self.closed and self.keep_alive and transport is not None and not transport.is_closing()
 
     async def _wait(self, timeout: float) -> None:
         if self._error is not None:
@@ -282,9 +306,18 @@ class _Connection(asyncio.Protocol):
             raise self._error
 
     def close(self) -> None:
+        """Drop the socket now: abort, as ``close()`` would wait for queued request bytes a server may never read."""
         self.closed, self.keep_alive = True, False
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
+
+
+def _count(text: str, base: int) -> int:
+    """A Content-Length or chunk size: digits only (``int`` would take a sign, spaces or underscores)."""
+    digits = "0123456789abcdefABCDEF"[: 10 if base == 10 else 22]
+    if not text or any(c not in digits for c in text):
+        raise ValueError(f"not a size: {text!r}")
+    return int(text, base)
 
 
 def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
@@ -374,20 +407,33 @@ class Client:
         if body is not None or method in ("PUT", "POST"):
             lines.append(f"Content-Length: {body.nbytes if body is not None else 0}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        connection = await self._connection()
-        try:
-            await connection.send(head, body, method, self.read_timeout)
-            status, response_headers = await connection.head(self.read_timeout)
-        except BaseException:
-            connection.close()
-            raise
-        return Response(self, connection, url, status, response_headers)
+        while True:
+            connection, reused = await self._connection()
+            try:
+                await connection.send(head, body, method, self.read_timeout)
+                status, response_headers = await connection.head(self.read_timeout)
+            except aiohttp.ServerDisconnectedError:
+                connection.close()
+                # A kept-alive socket the server closed just as we reused it (its FIN still on the
+                # way): the request went nowhere. Once more on a new socket, as aiohttp does.
+                if reused and method in _IDEMPOTENT:
+                    continue
+                raise
+            except BaseException:
+                connection.close()
+                raise
+            if body is not None and status >= 300:
+                # Refusals come early, maybe before the server read the body we sent: what it
+                # left unread would be taken for the next request's start.
+                connection.keep_alive = False
+            return Response(self, connection, url, status, response_headers)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> tuple[_Connection, bool]:
+        """A connection, and whether it was kept alive from an earlier request."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:  # the server may have closed an idle one
-                return connection
+            if connection.reusable():  # the server may have closed an idle one
+                return connection, True
         loop = asyncio.get_running_loop()
         try:
             hostname = self._host if self._ssl else None
@@ -399,7 +445,7 @@ class Client:
             raise aiohttp.ConnectionTimeoutError(f"could not connect within {self.connect_timeout:g} s") from exc
         except OSError as exc:  # refused, DNS: the cause names it (errors.translate reads the chain)
             raise aiohttp.ClientOSError(exc.errno, f"cannot connect to {self._host_header}: {exc}") from exc
-        return protocol
+        return protocol, False
 
     def release(self, connection: _Connection) -> None:
         if connection.finish() and not self._closed:

@@ -9,12 +9,14 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 
+from s3pipes import _http
 from s3pipes._http import Client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -320,3 +322,139 @@ def test_https_checks_the_certificate_as_verify_says(certificate: tuple[str, str
             server.close()
 
     asyncio.run(main())
+
+
+# -- found in review: each was a hang, a wrong body or a socket left open ------------------------
+
+
+def test_a_failed_upload_drops_its_socket_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transport.close()`` would keep the socket open until a stalled server read the queued body."""
+    sockets: list[socket.socket] = []
+    made = _http._Connection.connection_made
+
+    def record(self: _http._Connection, transport: asyncio.BaseTransport) -> None:
+        sockets.append(transport.get_extra_info("socket"))
+        made(self, transport)
+
+    monkeypatch.setattr(_http._Connection, "connection_made", record)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        await asyncio.sleep(3)  # reads nothing
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerTimeoutError, match="took no bytes"):
+            await get(client, method="PUT", body=bytes(32 << 20))
+        await asyncio.sleep(0.1)
+        assert [s.fileno() for s in sockets] == [-1], "the socket is closed, its queued bytes dropped"
+
+    serve(handler, test, read_timeout=0.3)
+
+
+def test_a_malformed_reply_during_an_upload_fails_at_once_not_as_a_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 abc Nonsense\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerDisconnectedError, match="malformed"):
+            await get(client, method="PUT", body=bytes(64 << 20))
+
+    serve(handler, test, read_timeout=2)
+
+
+def test_a_reset_is_not_the_end_of_a_body_that_runs_to_the_close() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        linger = struct.pack("ii", 1, 0)  # close with an RST, not a FIN
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get(client)
+
+    serve(handler, test)
+
+
+def test_a_refused_upload_does_not_leave_its_unread_body_for_the_next_request() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, _ = await _request_head(reader)
+        if line.startswith("PUT"):  # refuse without reading the body, keep the connection open
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied")
+            await writer.drain()
+            await asyncio.sleep(3)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        got.extend([await get(client, method="PUT", body=bytes(1 << 20)), await get(client)])
+
+    assert serve(handler, test, read_timeout=1) == ["connect", "connect"]
+    assert got == [(403, b"denied"), (200, b"ok")]
+
+
+def test_interim_replies_are_skipped() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for body in (b"first", b"second"):
+            await _request_head(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        got.extend([await get(client), await get(client)])
+
+    serve(handler, test)
+    assert got == [(200, b"first"), (200, b"second")]
+
+
+def test_a_server_closing_after_each_reply_costs_no_failed_request() -> None:
+    """Its FIN may come just after the kept-alive socket was taken again: the GET goes once more, on a new one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        for _ in range(20):
+            got.append(await get(client))
+
+    assert len(serve(handler, test)) == 20
+    assert got == [(200, b"ok")] * 20
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    ],
+)
+def test_bad_sizes_and_framing_are_errors_not_hangs(reply: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(reply)
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    async def test(client: Client) -> None:
+        with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+            await asyncio.wait_for(get(client), 2)
+
+    serve(handler, test)
