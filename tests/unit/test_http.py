@@ -56,6 +56,18 @@ def serve(handler: Handler, test: Callable[[Client], Awaitable[None]], *, read_t
     return seen
 
 
+def answering(wire: bytes, *, then_wait: float = 0) -> Handler:
+    """A handler answering one request with ``wire``, then waiting ``then_wait`` seconds before it closes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(wire)
+        await writer.drain()
+        await asyncio.sleep(then_wait)
+
+    return handler
+
+
 async def get(client: Client, path: str = "/b/k", method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
     url = f"http://127.0.0.1{path}"
     async with client.request(method, url, headers={"X-Test": "1"}, body=memoryview(body) if body else None) as r:
@@ -109,10 +121,7 @@ def test_chunked_body_with_extensions_and_trailers_in_any_pieces(piece: int) -> 
 
 
 def test_body_to_the_connection_end_is_whole_and_the_connection_not_reused() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-        await writer.drain()
+    handler = answering(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
 
     got: list[tuple[int, bytes]] = []
 
@@ -186,10 +195,7 @@ def test_large_body_read_slowly_arrives_whole() -> None:
 
 
 def test_a_body_cut_short_is_a_payload_error() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 40)
-        await writer.drain()
+    handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 40)
 
     async def test(client: Client) -> None:
         with pytest.raises(aiohttp.ClientPayloadError, match="before the response body's end"):
@@ -248,11 +254,7 @@ def test_endpoint_must_be_http_with_a_host() -> None:
 def test_an_early_reply_stops_the_request_body_and_is_returned() -> None:
     """A server refusing an upload answers before reading its body: the client must not wait to send it all."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied")
-        await writer.drain()
-        await asyncio.sleep(3)  # neither reads the body nor closes
+    handler = answering(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied", then_wait=3)  # body unread
 
     got: list[tuple[int, bytes]] = []
 
@@ -264,11 +266,7 @@ def test_an_early_reply_stops_the_request_body_and_is_returned() -> None:
 
 
 def test_a_malformed_head_is_a_disconnect_naming_it() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 abc Nonsense\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(1)
+    handler = answering(b"HTTP/1.1 abc Nonsense\r\n\r\n", then_wait=1)
 
     async def test(client: Client) -> None:
         with pytest.raises(aiohttp.ServerDisconnectedError, match=r"a malformed response head: 'HTTP/1\.1 abc"):
@@ -352,11 +350,7 @@ def test_a_failed_upload_drops_its_socket_at_once(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_malformed_reply_during_an_upload_fails_at_once_not_as_a_timeout() -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 abc Nonsense\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(3)
+    handler = answering(b"HTTP/1.1 abc Nonsense\r\n\r\n", then_wait=3)
 
     async def test(client: Client) -> None:
         with pytest.raises(aiohttp.ServerDisconnectedError, match="malformed"):
@@ -421,10 +415,7 @@ def test_interim_replies_are_skipped() -> None:
 def test_a_server_closing_after_each_reply_costs_no_failed_request() -> None:
     """Its FIN may come just after the kept-alive socket was taken again: the GET goes once more, on a new one."""
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
+    handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     got: list[tuple[int, bytes]] = []
 
@@ -447,11 +438,7 @@ def test_a_server_closing_after_each_reply_costs_no_failed_request() -> None:
     ],
 )
 def test_bad_sizes_and_framing_are_errors_not_hangs(reply: bytes) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _request_head(reader)
-        writer.write(reply)
-        await writer.drain()
-        await asyncio.sleep(3)
+    handler = answering(reply, then_wait=3)
 
     async def test(client: Client) -> None:
         with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
