@@ -6,7 +6,7 @@ capped a map-style dataset of 4 KB objects at ~820 objects/s on 2 cores. Signing
 botocore's ``S3SigV4Auth`` and sending with aiohttp (both already dependencies) cost
 ~0.4 ms: ~2,000 objects/s on the same batches; signing with :mod:`s3pipes._sigv4`
 instead (the same signatures, 96 -> ~15 us each) took it to ~0.3 ms, and sending with
-:mod:`s3pipes._http` instead of aiohttp's session to ~0.12 ms. It is used only where it is exact: a
+:mod:`s3pipes._http` instead of aiohttp's session to ~0.16 ms. It is used only where it is exact: a
 custom endpoint with path-style addressing (MinIO, SeaweedFS, ...) and explicit
 credentials; everything else goes through s3fs. Errors come back as botocore
 ``ClientError``/aiohttp exceptions, so :func:`s3pipes.errors.translate` maps them as
@@ -348,9 +348,9 @@ class FastGetter:
 def _close(client: Client, loop: asyncio.AbstractEventLoop, pid: int) -> None:
     """Close the client's connections on its loop (from a finalizer: never wait, never raise).
 
-    Not in a forked child (``pid`` is the creator's): there the copied loop looks running but
-    no thread runs it, and waiting for it stalled each DataLoader worker that collected a getter
-    inherited from its parent by 2 s (measured: 20k samples through 2 workers, 4.6 -> 6.7 s).
+    Not in a forked child (``pid`` is the creator's): there the loop is a copy that no thread
+    runs, whose wake-up socket is shared with the parent's. (With aiohttp's session, waiting
+    for that copy stalled each DataLoader worker that collected an inherited getter by 2 s.)
     """
     if os.getpid() != pid or client.closed or loop.is_closed():
         return

@@ -1,11 +1,12 @@
 """A small HTTP/1.1 client for the fast path (:mod:`s3pipes._fastget`): keep-alive connections to one endpoint.
 
 Why not aiohttp's ``ClientSession``, which this replaces on that path only: per small GET
-it builds a URL object, a request, a response, timers and a stream reader, ~0.16 ms of
-client CPU, more than the signing, the socket calls and the parsing together. Measured
-with ``python -m benchmarks.mapstyle``'s GETs of 4 KB objects (batches of 64, 32 in
-flight, one embedded SeaweedFS on the same 2 cores): aiohttp 0.28 ms of client CPU per
-GET and ~2,450 GETs/s; this client 0.12 ms and ~3,400 GETs/s.
+it builds a URL object, a request, a response, timers and a stream reader: more client
+CPU than the signing, the socket calls and the parsing together. Measured by the parts
+table of ``python -m benchmarks.mapstyle`` (``Store.read_ranges`` of 4 KB objects in
+batches of 64, 32 in flight, one embedded SeaweedFS on the same 2 cores): through
+aiohttp 0.29 ms of client CPU per GET and 2,388 GETs/s; through this client 0.16 ms and
+3,158 GETs/s. Streaming 8 MiB blocks: 1.63 -> 1.25 s of client CPU per pass.
 
 What it does: plain ``http`` or ``https`` to one ``host:port``; requests with an optional
 body (sent from a memoryview in 1 MiB writes, without a copy); response bodies delimited
