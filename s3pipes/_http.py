@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from s3pipes._sigv4 import host_header
+
 __all__ = ["Client", "Response"]
 
 _HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
@@ -389,9 +391,7 @@ class Client:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._ssl = _tls_context(verify) if parts.scheme == "https" else None
-        default = (parts.scheme == "http" and self._port == 80) or (parts.scheme == "https" and self._port == 443)
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        self._host_header = host if default else f"{host}:{self._port}"
+        self._host_header = host_header(endpoint)  # as signed
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
         self._idle: list[_Connection] = []
         self._closed = False

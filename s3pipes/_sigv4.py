@@ -22,7 +22,7 @@ import hmac
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-__all__ = ["EMPTY_SHA256", "UNSIGNED_PAYLOAD", "Signer"]
+__all__ = ["EMPTY_SHA256", "UNSIGNED_PAYLOAD", "Signer", "host_header"]
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -48,8 +48,11 @@ _NOT_SIGNED = frozenset(
 )
 
 
-def _host(url: str) -> str:
-    """The Host header an HTTP client sends for ``url``: lower-case, no userinfo, no default port."""
+def host_header(url: str) -> str:
+    """The Host header an HTTP client sends for ``url``: lower-case, no userinfo, no default port.
+
+    The one rule for both sides: what is signed here is what :mod:`s3pipes._http` sends.
+    """
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:  # an IPv6 literal
@@ -119,7 +122,7 @@ class Signer:
             lower = name.lower()
             if lower not in _NOT_SIGNED:
                 signed.setdefault(lower, []).append(" ".join(value.split()))
-        signed.setdefault("host", [_host(url)])
+        signed.setdefault("host", [host_header(url)])
         names = sorted(signed)
         parts = urlsplit(url)
         canonical = "\n".join(
