@@ -67,7 +67,7 @@ class _Resumable:
     store refuses (412) rather than splice two versions.
     """
 
-    def __init__(self, start: int | None, end: int | None, buffer: mmap.mmap | None = None) -> None:
+    def __init__(self, start: int | None, end: int | None, buffer: memoryview | None = None) -> None:
         self._start, self._end, self._buffer = start or 0, end, buffer
         self._chunks: list[bytes] = []
         self._received = 0
@@ -96,11 +96,10 @@ class _Resumable:
                 self._received += len(chunk)
             return
         size = len(self._buffer)  # a range inside the object: exactly this many bytes
-        async for chunk in response.chunks():
-            if self._received + len(chunk) > size:
-                raise aiohttp.ClientPayloadError(f"{response.url}: more than the {size} bytes asked for")
-            self._buffer[self._received : self._received + len(chunk)] = chunk
-            self._received += len(chunk)
+        try:
+            await response.readinto(self._buffer[self._received :])
+        finally:
+            self._received += response.received_into
         if self._received < size:
             raise aiohttp.ClientPayloadError(f"{response.url}: {self._received} bytes of the {size} asked for")
 
@@ -152,13 +151,20 @@ class FastGetter:
 
         The body is received into one buffer of its size (``into``, when it is given and has
         that size): a ``read()`` holds the chunks and their join at once, twice
-        the range at its peak. A body cut short is resumed from the last byte received.
+        the range at its peak.
+        """
+        buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
+        await self.receive_range(bucket, key, start, end, memoryview(buffer))
+        return buffer
+
+    async def receive_range(self, bucket: str, key: str, start: int, end: int, into: memoryview) -> None:
+        """Receive the bytes ``[start, end)`` of an object into ``into`` (exactly that long), from the socket.
+
+        A body cut short is resumed from the last byte received.
         """
         self._ensure_client()
-        buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
-        body = _Resumable(start, end, buffer)
+        body = _Resumable(start, end, into)
         await self._request(self._object_url(bucket, key), body.headers, body.receive)
-        return buffer
 
     def _ensure_client(self) -> None:
         """Build the HTTP client on the running loop, once (its finalizer closes it on that loop).

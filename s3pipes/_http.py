@@ -39,13 +39,21 @@ __all__ = ["Client", "Response"]
 
 _HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
 _PAUSE_AT = 4 << 20  # body bytes received but not yet read before the socket stops being read
+_RECEIVE = 256 << 10  # bytes per socket read into a connection's own buffer (as asyncio reads by default)
 _WRITE = 1 << 20  # a request body goes out in writes of this size
 _NO_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
 
 
-class _Connection(asyncio.Protocol):
-    """One socket: sends a request, parses its response head and body as bytes arrive."""
+class _Connection(asyncio.BufferedProtocol):
+    """One socket: sends a request, parses its response head and body as bytes arrive.
+
+    A buffered protocol: the socket is read into the connection's own reused buffer, or, while
+    :meth:`receive_into` waits for a ``Content-Length`` body, straight into the caller's buffer.
+    Measured streaming 8 MiB blocks from SeaweedFS: asyncio's reads allocate a fresh ``bytes``
+    per read and the blocks were joined from them into fresh memory; half of the client's CPU
+    went to page faults (every 4 KiB of every block), and the join was one more copy.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -64,12 +72,38 @@ class _Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._method = "GET"
         self.keep_alive = True
+        self._scratch = memoryview(bytearray(_RECEIVE))  # what the socket is read into, reused
+        self._sink: memoryview | None = None  # the caller's buffer the body goes into (receive_into)
+        self._sunk = 0  # bytes of the body in _sink
+        self._into_sink = False  # the buffer get_buffer gave last is a part of _sink
+        self._timer: asyncio.TimerHandle | None = None
 
-    # -- asyncio.Protocol ----------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        sink = self._sink
+        if sink is not None and self._mode == "length" and not self._body and self._sunk < len(sink):
+            self._into_sink = True
+            return sink[self._sunk : self._sunk + self._left]  # never past the body's end
+        self._into_sink = False
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._into_sink:
+            self.data_received(bytes(self._scratch[:nbytes]))
+            return
+        assert self._sink is not None
+        self._sunk += nbytes
+        self._left -= nbytes
+        if self._left == 0:
+            self._mode = ""
+            self._wake()
+        elif self._sunk == len(self._sink):  # full, and more to come: receive_into says so
+            self._wake()
 
     def data_received(self, data: bytes) -> None:
         if not self._in_response:
@@ -217,6 +251,12 @@ class _Connection(asyncio.Protocol):
                         self.keep_alive = False
 
     def _take(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not self._body and self._sunk < len(sink):
+            taken = min(len(data), len(sink) - self._sunk)
+            sink[self._sunk : self._sunk + taken] = data[:taken]
+            self._sunk += taken
+            data = data[taken:]
         if data:
             self._body.append(data)
             self._buffered += len(data)
@@ -271,12 +311,52 @@ class _Connection(asyncio.Protocol):
                     raise self._error
                 return None
             await self._wait(timeout)
+        return self._pop()
+
+    def _pop(self) -> bytes:
         data = self._body.popleft()
         self._buffered -= len(data)
         if self._reading_paused and self._buffered < _PAUSE_AT // 2 and self.transport is not None:
             self.transport.resume_reading()
             self._reading_paused = False
         return data
+
+    async def receive_into(self, sink: memoryview, timeout: float) -> int:
+        """Put the (rest of the) body into ``sink``; how many bytes it was. Longer than ``sink``: an error.
+
+        A ``Content-Length`` body is read from the socket into ``sink`` itself; the caller is
+        woken once, at its end, and a stall is ``timeout`` seconds without a byte, as for chunks.
+        ``sunk`` counts the bytes put into ``sink``, also when it fails.
+        """
+        self._sink, self._sunk = sink, 0
+        try:
+            while self._body:  # what came before: with the head, or read while no one asked
+                data = self._pop()
+                if self._sunk + len(data) > len(sink):
+                    raise self._too_long(sink)
+                sink[self._sunk : self._sunk + len(data)] = data
+                self._sunk += len(data)
+            if self._mode == "length" and self._left > len(sink) - self._sunk:
+                raise self._too_long(sink)
+            while self._mode:
+                if self._body:  # a chunked or close-delimited body with more than sink holds
+                    raise self._too_long(sink)
+                await self._wait(timeout)
+            if self._body:
+                raise self._too_long(sink)
+            if self._error is not None:
+                raise self._error
+            return self._sunk
+        finally:
+            self._sink = None
+
+    @property
+    def sunk(self) -> int:
+        return self._sunk
+
+    def _too_long(self, sink: memoryview) -> aiohttp.ClientPayloadError:
+        self.keep_alive = False  # the rest of the body is still on its way
+        return aiohttp.ClientPayloadError(f"a body longer than the {len(sink)} bytes asked for")
 
     def finish(self) -> bool:
         """End the exchange: True if this socket can carry another (its response read to the end, its request
@@ -297,16 +377,25 @@ class _Connection(asyncio.Protocol):
             raise self._error
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter, timeout)
+        self._timer = loop.call_later(timeout, self._stalled, waiter, timeout, self._sunk)
         try:
             await waiter
         except aiohttp.ServerTimeoutError:
             self._fail(aiohttp.ServerTimeoutError(f"no data from the server for {timeout:g} s"))
         finally:
-            timer.cancel()
+            self._timer.cancel()
             self._waiter = None
         if self._error is not None:
             raise self._error
+
+    def _stalled(self, waiter: asyncio.Future[None], timeout: float, sunk: int) -> None:
+        """A wait's timer: a stall, unless bytes went into the sink since it was set (they wake no one)."""
+        if waiter.done():
+            return
+        if self._sink is not None and self._sunk != sunk:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._stalled, waiter, timeout, self._sunk)
+            return
+        waiter.set_exception(aiohttp.ServerTimeoutError(f"no data from the server for {timeout:g} s"))
 
     def close(self) -> None:
         """Drop the socket now: abort, as ``close()`` would wait for queued request bytes a server may never read."""
@@ -323,17 +412,13 @@ def _count(text: str, base: int) -> int:
     return int(text, base)
 
 
-def _expire(waiter: asyncio.Future[None], timeout: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(aiohttp.ServerTimeoutError(f"no data from the server for {timeout:g} s"))
-
-
 class Response:
     """A response's status, headers (names lower-cased) and body; the body is read once."""
 
     def __init__(self, client: Client, connection: _Connection, url: str, status: int, headers: dict[str, str]) -> None:
         self._client, self._connection = client, connection
         self.url, self.status, self.headers = url, status, headers
+        self.received_into = 0  # bytes the last readinto put into its buffer, also when it failed
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's pieces as they arrive."""
@@ -342,6 +427,19 @@ class Response:
 
     async def read(self) -> bytes:
         return b"".join([data async for data in self.chunks()])
+
+    async def readinto(self, buffer: memoryview) -> int:
+        """Receive the body into ``buffer`` (read from the socket straight into it); its length.
+
+        ``received_into`` says how much of ``buffer`` was written, also when this raised.
+
+        Raises:
+            aiohttp.ClientPayloadError: the body is longer than ``buffer``, or was cut short.
+        """
+        try:
+            return await self._connection.receive_into(buffer, self._client.read_timeout)
+        finally:
+            self.received_into = self._connection.sunk
 
     def release(self) -> None:
         """Give the connection back for reuse if the body was read to its end; else close it."""

@@ -445,3 +445,94 @@ def test_bad_sizes_and_framing_are_errors_not_hangs(reply: bytes) -> None:
             await asyncio.wait_for(get(client), 2)
 
     serve(handler, test)
+
+
+# -- readinto: the body received into the caller's buffer --------------------------------------
+
+
+async def get_into(client: Client, size: int, path: str = "/b/k") -> tuple[int, bytearray]:
+    buffer = bytearray(size)
+    async with client.request("GET", f"http://127.0.0.1{path}", headers={}) as r:
+        return await r.readinto(memoryview(buffer)), buffer
+
+
+@pytest.mark.parametrize("piece", [1000, 1 << 20])
+def test_readinto_fills_the_buffer_from_content_length_and_chunked_bodies(piece: int) -> None:
+    payload = os.urandom(600_000)  # more than one socket read into the connection's own buffer
+    framed = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload),
+    ]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for wire in [*framed, framed[0]]:  # the third: a reused socket after two bodies into buffers
+            await _request_head(reader)
+            for start in range(0, len(wire), piece):
+                writer.write(wire[start : start + piece])
+                await writer.drain()
+
+    got: list[tuple[int, bytes]] = []
+
+    async def test(client: Client) -> None:
+        for _ in range(3):
+            count, buffer = await get_into(client, len(payload) + 10)  # room to spare: the count says
+            got.append((count, bytes(buffer[:count])))
+
+    assert serve(handler, test) == ["connect"]
+    assert got == [(len(payload), payload)] * 3
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_readinto_a_body_longer_than_the_buffer_is_a_payload_error_and_the_socket_dropped(framing: str) -> None:
+    body = b"x" * 100
+    head = {
+        "length": b"Content-Length: 100\r\n\r\n" + body,
+        "chunked": b"Transfer-Encoding: chunked\r\n\r\n64\r\n" + body + b"\r\n0\r\n\r\n",
+        "close": b"\r\n" + body,
+    }[framing]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await _request_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\n" + head)
+            await writer.drain()
+            if framing == "close":
+                return
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ClientPayloadError, match="longer than the 60 bytes asked for"):
+            await get_into(client, 60)
+        assert await get_into(client, 100) == (100, bytearray(body))
+
+    assert serve(handler, test) == ["connect", "connect"], "the socket with the rest of a body was not reused"
+
+
+def test_readinto_a_slow_body_is_no_stall_and_a_cut_one_says_how_much_came() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(8):  # 0.8 s in all, never 0.3 s without a byte
+            writer.write(b"y" * 5)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        # then the connection closes, 60 bytes short
+
+    async def test(client: Client) -> None:
+        buffer = bytearray(100)
+        async with client.request("GET", "http://127.0.0.1/b/k", headers={}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError, match="before the response body's end"):
+                await r.readinto(memoryview(buffer))
+            assert r.received_into == 40
+        assert buffer == b"y" * 40 + bytes(60)
+
+    serve(handler, test, read_timeout=0.3)
+
+
+def test_readinto_a_stall_times_out() -> None:
+    handler = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nxx", then_wait=3)
+
+    async def test(client: Client) -> None:
+        with pytest.raises(aiohttp.ServerTimeoutError, match=r"no data from the server for 0\.2 s"):
+            await get_into(client, 100)
+
+    serve(handler, test, read_timeout=0.2)
