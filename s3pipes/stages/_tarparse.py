@@ -16,6 +16,7 @@ header (pax or long-name header included) starts, so reopening there re-reads it
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import NamedTuple
 from zlib import adler32
@@ -24,7 +25,7 @@ __all__ = ["BLOCK", "Member", "TarFormatError", "TarReader"]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
-_CHECKSUM_FIELD = slice(148, 156)
+_FIELDS = struct.Struct("100s24x12s12x8sc100x6s82x155s12x")  # name, size, checksum, type, magic, prefix
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
@@ -35,6 +36,9 @@ class TarFormatError(ValueError):
     def __init__(self, message: str, offset: int, member: str = "") -> None:
         super().__init__(message)
         self.offset, self.member = offset, member
+
+
+Chunk = bytes | memoryview
 
 
 class Member(NamedTuple):
@@ -69,22 +73,23 @@ def _unusual_number(field: bytes, offset: int) -> int:
         raise TarFormatError(f"invalid number {text!r} in tar header", offset) from None
 
 
-def _byte_sum(header: bytes) -> int:
-    """``sum(header)`` of a 512-byte header, in C.
+def _byte_sum(header: Chunk, at: int) -> int:
+    """``sum()`` of the 512-byte header at ``at``, in C.
 
     Adler-32's low half is 1 + the byte sum mod 65521, which is exact for 256 bytes (their sum
     is at most 65,280). Measured: 0.5 us per header against 3.5 us for ``sum()``; four headers per
     webdataset sample made ``sum()`` about a quarter of a raw streaming pass.
     """
-    return (adler32(header[:256]) & 0xFFFF) + (adler32(header[256:]) & 0xFFFF) - 2
+    return (adler32(header[at : at + 256]) & 0xFFFF) + (adler32(header[at + 256 : at + BLOCK]) & 0xFFFF) - 2
 
 
-def _checksum_ok(header: bytes, stored: int) -> bool:
-    """The checksum counts the checksum field as spaces; old writers summed signed bytes."""
-    unsigned = _byte_sum(header) - sum(header[_CHECKSUM_FIELD]) + 8 * 32
+def _checksum_ok(header: Chunk, at: int, field: bytes, stored: int) -> bool:
+    """The checksum counts its own ``field`` as spaces; old writers summed signed bytes."""
+    unsigned = _byte_sum(header, at) - sum(field) + 8 * 32
     if stored == unsigned:
         return True
-    high = sum(1 for byte in header if byte >= 128) - sum(1 for byte in header[148:156] if byte >= 128)
+    block = bytes(header[at : at + BLOCK])
+    high = sum(1 for byte in block if byte >= 128) - sum(1 for byte in field if byte >= 128)
     return stored == unsigned - 256 * high
 
 
@@ -114,7 +119,9 @@ class TarReader:
     """Iterates the regular-file members of a tar stream read through ``read``.
 
     Args:
-        read: ``read(n)`` of the underlying stream (fewer bytes only at its end).
+        read: ``read(n)`` of the underlying stream (fewer bytes only at its end). It may return a
+            view that is valid only until its next call (``ObjectStream.read_view``): every byte
+            kept from it (headers, members, a tail joined to the next read) is copied first.
         start: the absolute offset the stream is positioned at (a member header).
         chunk: bytes per read; the buffer holds at most about one chunk plus one member.
 
@@ -122,9 +129,9 @@ class TarReader:
         TarFormatError: bad checksum, truncated member, or malformed extended header.
     """
 
-    def __init__(self, read: Callable[[int], bytes], start: int = 0, *, chunk: int = 4 << 20) -> None:
+    def __init__(self, read: Callable[[int], Chunk], start: int = 0, *, chunk: int = 4 << 20) -> None:
         self._read, self._chunk = read, chunk
-        self._buffer = b""
+        self._buffer: Chunk = b""
         self._position = 0  # in _buffer
         self._base = start  # absolute offset of _buffer[0]
         self.offset = start  # absolute offset of the next header to parse
@@ -133,20 +140,22 @@ class TarReader:
         """The next ``size`` bytes; fewer only where the stream ends."""
         end = self._position + size
         if end <= len(self._buffer):
-            data = self._buffer[self._position : end]
+            data = bytes(self._buffer[self._position : end])  # of a bytes buffer: the slice itself
             self._position = end
             return data
         # Refill. The new chunk becomes the buffer as it is: only the bytes asked for are
         # copied (joining the rest of the old buffer onto each 4 MiB chunk cost ~10% of a pass).
-        parts = [self._buffer[self._position :]]
+        parts: list[Chunk] = [bytes(self._buffer[self._position :])]  # a copy: the read may reuse the buffer
         start = self._base + self._position  # absolute offset of parts[0]
         have = len(parts[0])
         while have < size:
-            data = self._read(max(self._chunk, size - have))
-            if not data:
+            if len(parts) > 1:
+                parts[-1] = bytes(parts[-1])  # read again: the last one's buffer may be reused
+            piece = self._read(max(self._chunk, size - have))
+            if not piece:
                 break
-            parts.append(data)
-            have += len(data)
+            parts.append(piece)
+            have += len(piece)
         last = parts[-1]
         if have <= size:  # the stream ended (or ends exactly here): everything goes
             self._buffer, self._position, self._base = b"", 0, start + have
@@ -174,22 +183,31 @@ class TarReader:
         name: str | None = None
         size_override: int | None = None
         while True:
-            header_at = self._base + self._position
-            header = self._take(BLOCK)
-            if not header or header == _ZERO_BLOCK:
+            buffer, at = self._buffer, self._position
+            header_at = self._base + at
+            if at + BLOCK <= len(buffer):  # the usual case: the header is read where it lies
+                self._position = at + BLOCK
+            else:
+                header = self._take(BLOCK)
+                if len(header) < BLOCK:
+                    if not header:
+                        if header_at != first or name is not None:
+                            raise TarFormatError("archive ends inside a member's headers", header_at)
+                        return None  # a stream that ends between members
+                    raise TarFormatError(f"truncated tar header ({len(header)} of {BLOCK} bytes)", header_at)
+                buffer, at = header, 0
+            raw_name, raw_size, raw_sum, kind, magic, prefix = _FIELDS.unpack_from(buffer, at)
+            if not raw_name[0] and buffer[at : at + BLOCK] == _ZERO_BLOCK:
                 if header_at != first or name is not None:
                     raise TarFormatError("archive ends inside a member's headers", header_at)
-                return None  # end-of-archive marker, or a stream that ends between members
-            if len(header) < BLOCK:
-                raise TarFormatError(f"truncated tar header ({len(header)} of {BLOCK} bytes)", header_at)
-            if not _checksum_ok(header, _number(header[_CHECKSUM_FIELD], header_at)):
+                return None  # the end-of-archive marker
+            if not _checksum_ok(buffer, at, raw_sum, _number(raw_sum, header_at)):
                 raise TarFormatError("tar header checksum mismatch (corrupt or not a tar)", header_at)
-            kind = header[156:157]
             size = size_override if size_override is not None and kind not in (_PAX, _GNU_LONGNAME) else None
-            size = _number(header[124:136], header_at) if size is None else size
+            size = _number(raw_size, header_at) if size is None else size
             data = self._take(size)
             if len(data) < size:
-                member = name if name is not None else _text(header[0:100])
+                member = name if name is not None else _text(raw_name)
                 raise TarFormatError(f"member data truncated ({len(data)} of {size} bytes)", first, member)
             self._skip(-size % BLOCK)  # the padding to the block boundary
             if kind == _PAX:
@@ -212,7 +230,7 @@ class TarReader:
                 first, name, size_override = self.offset, None, None
                 continue
             if name is None:
-                name = _text(header[0:100])
-                if header[257:262] == b"ustar" and header[345]:
-                    name = _text(header[345:500]) + "/" + name
+                name = _text(raw_name)
+                if magic[:5] == b"ustar" and prefix[0]:
+                    name = _text(prefix) + "/" + name
             return Member(name, data, first, self.offset)

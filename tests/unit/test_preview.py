@@ -347,7 +347,8 @@ def test_stats_before_during_and_after(shards: str) -> None:
     during = pipe.stats()
     assert during.status == "running"
     assert stage_counts(pipe)["map"] == stage_counts(pipe)["group_by_key"] == PER_SHARD + 3
-    assert stage_counts(pipe)["shards"] == 2
+    assert stage_counts(pipe)["shards"] == 3, "the second shard is read, the third opened ahead"
+    assert stage_counts(pipe)["open_object"] == 2
     pipe.peek(4)
     assert stage_counts(pipe)["map"] == PER_SHARD + 3, "peek runs on its own stages"
     list(iterator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,34 @@ def test_matches_tarfile_for_webdataset_shards(chunk: int) -> None:
     assert [(m.name, m.data, m.offset) for m in members(data, chunk=chunk)] == reference(data)
 
 
+def reused_views(data: bytes) -> Callable[[int], memoryview]:
+    """``read(n)`` as ``ObjectStream.read_view`` does it: views of one buffer, overwritten by the next read."""
+    buffer = bytearray(len(data))  # big enough for any read
+    position = 0
+
+    def read(n: int) -> memoryview:
+        nonlocal position
+        piece = data[position : position + n]
+        position += len(piece)
+        buffer[:] = b"\xee" * len(buffer)  # what the last view showed is gone
+        buffer[: len(piece)] = piece
+        return memoryview(buffer)[: len(piece)]
+
+    return read
+
+
+@pytest.mark.parametrize("chunk", [BLOCK, 700, 3000, 1 << 20])
+def test_views_valid_until_the_next_read_are_copied_before_it(chunk: int) -> None:
+    """Members, headers and tails joined across reads are copies: the next read overwrites the view."""
+    for data in (webdataset_tar(), stdlib_tar(tarfile.PAX_FORMAT), stdlib_tar(tarfile.GNU_FORMAT)):
+        reader = TarReader(reused_views(data), chunk=chunk)
+        found = []
+        while (member := reader.next()) is not None:
+            found.append((member.name, member.data, member.offset))
+        assert found == reference(data)
+        assert all(type(data) is bytes for _, data, _ in found)
+
+
 @pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar"])
 def test_matches_tarfile_for_gnu_tar(tmp_path: Path, fmt: str) -> None:
     data = gnu_tar(tmp_path, fmt)
@@ -165,4 +194,6 @@ def test_the_header_byte_sum_is_exact(seed: int) -> None:
 
     rng = random.Random(seed)
     headers = [bytes(BLOCK), b"\xff" * BLOCK, *(rng.randbytes(BLOCK) for _ in range(200))]
-    assert [_byte_sum(header) for header in headers] == [sum(header) for header in headers]
+    assert [_byte_sum(header, 0) for header in headers] == [sum(header) for header in headers]
+    stream = memoryview(b"".join(headers))  # where the reader finds them: at an offset in a block
+    assert [_byte_sum(stream, i * BLOCK) for i in range(len(headers))] == [sum(header) for header in headers]
