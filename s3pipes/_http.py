@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -77,6 +78,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._sunk = 0  # bytes of the body in _sink
         self._into_sink = False  # the buffer get_buffer gave last is a part of _sink
         self._timer: asyncio.TimerHandle | None = None
+        self._sunk_at = 0.0  # the loop time of the last byte into _sink
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------------------
 
@@ -98,6 +100,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         assert self._sink is not None
         self._sunk += nbytes
+        self._sunk_at = time.monotonic()  # asyncio's loop.time()
         self._left -= nbytes
         if self._left == 0:
             self._mode = ""
@@ -392,8 +395,10 @@ class _Connection(asyncio.BufferedProtocol):
         """A wait's timer: a stall, unless bytes went into the sink since it was set (they wake no one)."""
         if waiter.done():
             return
-        if self._sink is not None and self._sunk != sunk:
-            self._timer = asyncio.get_running_loop().call_later(timeout, self._stalled, waiter, timeout, self._sunk)
+        if self._sink is not None and self._sunk != sunk:  # a stall is counted from the last byte
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._sunk_at + timeout - loop.time())
+            self._timer = loop.call_later(delay, self._stalled, waiter, timeout, self._sunk)
             return
         waiter.set_exception(aiohttp.ServerTimeoutError(f"no data from the server for {timeout:g} s"))
 

@@ -536,3 +536,23 @@ def test_readinto_a_stall_times_out() -> None:
             await get_into(client, 100)
 
     serve(handler, test, read_timeout=0.2)
+
+
+def test_readinto_a_stall_is_counted_from_the_last_byte() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"z" * 10)  # into the buffer, then nothing
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def test(client: Client) -> None:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(aiohttp.ServerTimeoutError):
+            await get_into(client, 100)
+        # One read_timeout after the last byte (~1.05 s), not a second full one from the first check (~2 s).
+        assert asyncio.get_running_loop().time() - started < 1.6
+
+    serve(handler, test, read_timeout=1.0)
