@@ -39,6 +39,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from s3pipes._http import Client, Response
+from s3pipes._memory import anonymous_buffer
 from s3pipes._sigv4 import Signer
 
 __all__ = ["FastGetter"]
@@ -153,7 +154,7 @@ class FastGetter:
         that size): a ``read()`` holds the chunks and their join at once, twice
         the range at its peak.
         """
-        buffer = into if into is not None and len(into) == end - start else mmap.mmap(-1, end - start)
+        buffer = into if into is not None and len(into) == end - start else anonymous_buffer(end - start)
         await self.receive_range(bucket, key, start, end, memoryview(buffer))
         return buffer
 

@@ -39,6 +39,7 @@ from typing import IO, Any, Protocol, TypeVar, cast
 
 from fsspec.core import split_protocol
 
+from s3pipes._memory import anonymous_buffer
 from s3pipes.errors import CorruptCheckpoint
 from s3pipes.store import Store, StoreFile
 
@@ -137,7 +138,7 @@ class _MultipartUpload:
             raise ValueError(f"{part_size=} must be >= 5 MiB (S3's minimum) and {in_flight=} >= 1")
         self._loop, self._client, self._bucket, self._key = loop, client, bucket, key
         self._part_size, self._in_flight = part_size, in_flight
-        self._buffer, self._filled = mmap.mmap(-1, part_size), 0
+        self._buffer, self._filled = anonymous_buffer(part_size), 0
         self._upload_id: str | None = None
         self._pending: list[tuple[Future[str], mmap.mmap]] = []  # parts in flight, in order: ETag, buffer
         self._spare: mmap.mmap | None = None  # the buffer of a part done, filled again (no page faults)
@@ -169,7 +170,7 @@ class _MultipartUpload:
             self._etags.append(future.result())  # raises the part's error, if any
         number = len(self._etags) + len(self._pending) + 1
         buffer, body = self._buffer, memoryview(self._buffer)[: self._filled]
-        self._buffer, self._filled = self._spare or mmap.mmap(-1, self._part_size), 0
+        self._buffer, self._filled = self._spare or anonymous_buffer(self._part_size), 0
         self._spare = None
         part = self._client.upload_part(self._bucket, self._key, self._upload_id, number, body)
         self._pending.append((self._run(part), buffer))

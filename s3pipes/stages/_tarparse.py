@@ -126,15 +126,25 @@ class TarReader:
         chunk: bytes per read; the buffer holds at most about one chunk plus one member.
 
     Raises:
-        TarFormatError: bad checksum, truncated member, or malformed extended header.
+        TarFormatError: bad checksum, truncated member, or malformed extended header; and
+            whatever ``read`` raises.
     """
 
     def __init__(self, read: Callable[[int], Chunk], start: int = 0, *, chunk: int = 4 << 20) -> None:
-        self._read, self._chunk = read, chunk
+        self._source_read, self._chunk = read, chunk
+        self._failed: BaseException | None = None  # what a read raised: every later next() raises it
         self._buffer: Chunk = b""
         self._position = 0  # in _buffer
         self._base = start  # absolute offset of _buffer[0]
         self.offset = start  # absolute offset of the next header to parse
+
+    def _read(self, size: int) -> Chunk:
+        """``read(size)``; if it raises, the reader stops: its buffer may be a view that is no longer valid."""
+        try:
+            return self._source_read(size)
+        except BaseException as exc:
+            self._failed = exc
+            raise
 
     def _take(self, size: int) -> bytes:
         """The next ``size`` bytes; fewer only where the stream ends."""
@@ -178,7 +188,13 @@ class TarReader:
                 return
 
     def next(self) -> Member | None:
-        """The next regular file, or None at the end of the archive."""
+        """The next regular file, or None at the end of the archive.
+
+        After a read of the stream failed, every call raises that error again (a retry would
+        parse a buffer the stream may have reused); reopen the stream at ``offset`` instead.
+        """
+        if self._failed is not None:
+            raise self._failed
         first = self.offset
         name: str | None = None
         size_override: int | None = None

@@ -17,7 +17,7 @@ from s3pipes._types import StateDict
 from s3pipes.errors import CorruptShard
 from s3pipes.stages._tarparse import TarFormatError, TarReader
 from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
-from s3pipes.stages.open import ObjectStream
+from s3pipes.stages.open import ObjectStream, OpenObject
 
 __all__ = ["TarMember", "Untar"]
 
@@ -57,6 +57,8 @@ class Untar(Stage[TarMember]):
     def __init__(self, source: BaseNode[ObjectStream], *, on_error: OnError = "raise") -> None:
         super().__init__()
         self.source, self.on_error = source, check_on_error(on_error)
+        if isinstance(source, OpenObject):
+            source.open_ahead = True  # each stream is read whole, in order: the next one's first blocks can come early
         self.bytes_out = 0
         self.skips = SkipLog()
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
 import pytest
+from torchdata.nodes import IterableWrapper
 
 import s3pipes
 from s3pipes import Store
-from s3pipes.stages import ObjectStream
+from s3pipes._memory import anonymous_buffer
+from s3pipes.stages import ObjectStream, OpenObject
 
 DATA = bytes(range(256)) * 1000  # 256,000 bytes
 
@@ -64,3 +67,55 @@ def test_close_stops_the_fetch_thread(url: str) -> None:
     for thread in started:
         thread.join(timeout=5)
     assert not any(thread.is_alive() for thread in started)
+
+
+def test_a_failed_block_is_fetched_again_by_the_next_read(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = Store()
+    real = store.read_bytes
+    failures = {2000: 1}  # the block at 2000 fails once
+
+    def flaky(u: str, start: int | None = None, end: int | None = None) -> bytes:
+        if failures.get(start or 0):
+            failures[start or 0] -= 1
+            raise s3pipes.StoreError(u, "file", "injected")
+        return real(u, start, end)
+
+    monkeypatch.setattr(store, "read_bytes", flaky)
+    with ObjectStream(url, store, block_size=1000) as stream:
+        assert stream.read(2000) == DATA[:2000]
+        with pytest.raises(s3pipes.StoreError, match="injected"):
+            stream.read(1000)
+        assert stream.read(1000) == DATA[2000:3000], "not the block that was fetched after the failed one"
+        assert stream.read() == DATA[3000:]
+
+
+def test_open_object_opens_ahead_only_when_asked(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    prefetched: list[str] = []
+    monkeypatch.setattr(ObjectStream, "prefetch", lambda self: prefetched.append(self.url))
+    urls = [url, url + "?2", url + "?3"]
+    plain = OpenObject(IterableWrapper(urls), Store())
+    assert [stream.url for stream in plain] == urls and prefetched == []
+    ahead = OpenObject(IterableWrapper(urls), Store(), open_ahead=True)
+    first = next(ahead)
+    assert first.url == url and prefetched == [urls[1]]
+    assert [stream.url for stream in ahead] == urls[1:]
+
+
+def test_a_failure_while_opening_ahead_loses_no_stream(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: ObjectStream) -> None:
+        raise RuntimeError("not a store error")
+
+    monkeypatch.setattr(ObjectStream, "prefetch", broken)
+    urls = [url, url + "?2", url + "?3"]
+    node = OpenObject(IterableWrapper(urls), Store(), open_ahead=True)
+    assert [stream.url for stream in node] == urls
+
+
+def test_buffers_are_private_to_a_process() -> None:
+    buffer = anonymous_buffer(4096)
+    pid = os.fork()
+    if pid == 0:  # the child writes its copy, then leaves at once
+        buffer[:5] = b"CHILD"
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert buffer[:5] == bytes(5)

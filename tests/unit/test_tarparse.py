@@ -197,3 +197,27 @@ def test_the_header_byte_sum_is_exact(seed: int) -> None:
     assert [_byte_sum(header, 0) for header in headers] == [sum(header) for header in headers]
     stream = memoryview(b"".join(headers))  # where the reader finds them: at an offset in a block
     assert [_byte_sum(stream, i * BLOCK) for i in range(len(headers))] == [sum(header) for header in headers]
+
+
+def test_after_a_failed_read_every_next_raises_it_and_a_reopened_reader_resumes() -> None:
+    data = webdataset_tar()
+    everything = members(data, chunk=700)
+    read = reused_views(data)
+    calls = 0
+
+    def failing_once(n: int) -> memoryview:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError("the store went away")
+        return read(n)
+
+    reader = TarReader(failing_once, chunk=700)
+    got = []
+    with pytest.raises(OSError, match="went away"):
+        while (member := reader.next()) is not None:
+            got.append(member)
+    with pytest.raises(OSError, match="went away"):  # not a parse of a buffer the stream may have reused
+        reader.next()
+    assert got == everything[: len(got)]
+    assert members(data, start=reader.offset, chunk=700) == everything[len(got) :]
