@@ -150,7 +150,7 @@ class ObjectStream:
         """As :meth:`read`, but without a copy where it can: valid only until the next read.
 
         The result may be a view of a buffer that a later block is received into after the
-        next ``read``/``read_view``: a caller copies what it keeps before reading again.
+        next ``read``/``read_view`` (or ``close``): a caller copies what it keeps before then.
         """
         with self._naming_stage():
             return self._read(size)
@@ -165,10 +165,11 @@ class ObjectStream:
         while size > 0 and self._position < self._size:
             offset = self._position - self._block_at
             if offset >= len(self._block):  # this block is used up: take the next one
+                block, self._block, self._block_at = self._block, b"", self._position  # never kept twice
                 if parts:  # a piece of it is in this read's result
-                    self._used.append(self._block)
+                    self._used.append(block)
                 else:
-                    self._keep_buffer(self._block)
+                    self._keep_buffer(block)
                 self._next_block()
                 offset = 0
             piece = self._block[offset : offset + size]
@@ -183,8 +184,7 @@ class ObjectStream:
     def _next_block(self) -> None:
         """Make the block at the position the one being read, and keep ``ahead`` blocks coming."""
         assert self._size is not None
-        if not self._ahead or self._block_at + len(self._block) != self._position:  # first read, or a seek
-            self._drop()
+        if not self._ahead:  # the first read, or after a seek (which drops them) or a failure
             self._ahead_at = self._position
         self._fill()
         future = self._ahead.popleft()
