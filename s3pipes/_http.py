@@ -333,12 +333,8 @@ class _Connection(asyncio.BufferedProtocol):
         """
         self._sink, self._sunk = sink, 0
         try:
-            while self._body:  # what came before: with the head, or read while no one asked
-                data = self._pop()
-                if self._sunk + len(data) > len(sink):
-                    raise self._too_long(sink)
-                sink[self._sunk : self._sunk + len(data)] = data
-                self._sunk += len(data)
+            for data in [self._pop() for _ in range(len(self._body))]:  # what came with the head, or unasked
+                self._take(data)  # into sink as far as it holds; the rest back into _body
             if self._mode == "length" and self._left > len(sink) - self._sunk:
                 raise self._too_long(sink)
             while self._mode:
@@ -380,7 +376,7 @@ class _Connection(asyncio.BufferedProtocol):
             raise self._error
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        self._timer = loop.call_later(timeout, self._stalled, waiter, timeout, self._sunk)
+        self._timer = loop.call_later(timeout, self._stalled, waiter, timeout)
         try:
             await waiter
         except aiohttp.ServerTimeoutError:
@@ -391,14 +387,14 @@ class _Connection(asyncio.BufferedProtocol):
         if self._error is not None:
             raise self._error
 
-    def _stalled(self, waiter: asyncio.Future[None], timeout: float, sunk: int) -> None:
-        """A wait's timer: a stall, unless bytes went into the sink since it was set (they wake no one)."""
+    def _stalled(self, waiter: asyncio.Future[None], timeout: float) -> None:
+        """A wait's timer: a stall, unless bytes went into the sink within ``timeout`` (they wake no one)."""
         if waiter.done():
             return
-        if self._sink is not None and self._sunk != sunk:  # a stall is counted from the last byte
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, self._sunk_at + timeout - loop.time())
-            self._timer = loop.call_later(delay, self._stalled, waiter, timeout, self._sunk)
+        loop = asyncio.get_running_loop()
+        left = self._sunk_at + timeout - loop.time()  # a stall is counted from the last byte
+        if self._sink is not None and left > 0:
+            self._timer = loop.call_later(left, self._stalled, waiter, timeout)
             return
         waiter.set_exception(aiohttp.ServerTimeoutError(f"no data from the server for {timeout:g} s"))
 
