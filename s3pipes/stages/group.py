@@ -8,7 +8,7 @@ skipped, as webdataset does.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 
 from torchdata.nodes import BaseNode
 
@@ -49,6 +49,9 @@ def add_field(sample: Sample, field: str, data: bytes, *, member: str, offset: i
         )
     sample[field] = data
 
+
+_Pulled = tuple[str, str, bytes, int, str, str]
+"""A member as ``GroupByKey`` pulls it: url, member name, data, offset, sample key, field."""
 
 Places = dict[str, tuple[str, int]]
 """Where a sample's fields came from: field -> (tar member name, byte offset of its first header)."""
@@ -109,24 +112,31 @@ class GroupByKey(Stage[Sample]):
         super().reset(initial_state)
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
         self.skips = SkipLog.of(initial_state)
-        self._pending: tuple[TarMember, str, str] | None = None
+        self._pending: _Pulled | None = None
         self._pending_state: StateDict | None = None
-        self._recent: OrderedDict[tuple[str, str], Places] = OrderedDict()
+        self._recent: deque[tuple[str, str, list[tuple[str, str, int]]]] = deque(maxlen=self.REMEMBERED)
+        # From an Untar, members come as plain tuples and its state is built only when asked
+        # for (``Untar.state_at``); a TarMember is the same 4-tuple (url, name, data, offset).
+        self._untar = self.source if isinstance(self.source, Untar) else None
 
-    def _pull(self) -> tuple[TarMember, str, str]:
-        """Next member that names a field, with the source state from before it.
+    def _pull(self) -> _Pulled:
+        """Next member that names a field, as ``(url, name, data, offset, key, field)``.
 
-        From an ``Untar`` that state is built only when asked for (``Untar.state_at``): asking
-        the source for its state before every member cost ~7% of a raw streaming pass.
+        The source state from before it goes to ``_pending_state``, except from an ``Untar``:
+        asking it for its state before every member cost ~7% of a raw streaming pass.
         """
-        lazy = isinstance(self.source, Untar)
+        untar = self._untar
         while True:
-            before = None if lazy else self.source.state_dict()
-            member = next(self.source)
-            parts = split_key(member.name)
+            if untar is not None:
+                before = None
+                url, name, data, offset = untar.next_member()
+            else:
+                before = self.source.state_dict()
+                url, name, data, offset = next(self.source)
+            parts = split_key(name)
             if parts is not None:
                 self._pending_state = before
-                return member, *parts
+                return url, name, data, offset, parts[0], parts[1]
 
     def next(self) -> Sample:
         while True:
@@ -150,9 +160,9 @@ class GroupByKey(Stage[Sample]):
         """The next sample; None when it had a repeated field and ``on_error="skip"`` dropped it."""
         first = self._pending if self._pending is not None else self._pull()
         self._pending = None
-        member, key, field = first
-        sample: Sample = {"__key__": key, "__url__": member.url, field: member.data}
-        places: Places = {field: (member.name, member.offset)}
+        url, name, data, offset, key, field = first
+        sample: Sample = {"__key__": key, "__url__": url, field: data}
+        members = [(field, name, offset)]  # for places(): a dict per sample cost ~1 us more
         broken: DuplicateField | None = None
         while True:
             try:
@@ -160,15 +170,15 @@ class GroupByKey(Stage[Sample]):
             except StopIteration:
                 self._pending_state = None
                 break
-            member, next_key, field = following
-            if next_key != key or member.url != sample["__url__"]:
+            if following[4] != key or following[0] != url:
                 self._pending = following
                 break
             if broken is not None:
                 continue  # the rest of a sample being dropped
+            _, name, data, offset, _, field = following
             try:
-                add_field(sample, field, member.data, member=member.name, offset=member.offset)
-                places[field] = (member.name, member.offset)
+                add_field(sample, field, data, member=name, offset=offset)
+                members.append((field, name, offset))
             except DuplicateField as exc:
                 if self.on_error == "raise":
                     raise
@@ -176,21 +186,22 @@ class GroupByKey(Stage[Sample]):
         if broken is not None:
             self.skips.record(broken)
             return None
-        self._recent[(key, sample["__url__"])] = places
-        if len(self._recent) > self.REMEMBERED:
-            self._recent.popitem(last=False)
+        self._recent.append((key, url, members))
         return sample
 
     def places(self, url: str, key: str) -> Places:
         """Where the fields of a recently returned sample came from ({} if it is not remembered)."""
-        return self._recent.get((key, url), {})
+        for recent_key, recent_url, members in reversed(self._recent):  # searched only on a decode error
+            if recent_key == key and recent_url == url:
+                return {field: (name, offset) for field, name, offset in members}
+        return {}
 
     def get_state(self) -> StateDict:
         source_state: StateDict | None
         if self._pending is None:
             source_state = self.source.state_dict()
         elif isinstance(self.source, Untar):
-            source_state = self.source.state_at(self._pending[0].offset)
+            source_state = self.source.state_at(self._pending[3])
         else:
             source_state = self._pending_state
         return self.skips.save_into({SOURCE_KEY: source_state}, self.on_error)

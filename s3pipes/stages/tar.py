@@ -92,6 +92,15 @@ class Untar(Stage[TarMember]):
         self._reader = TarReader(stream.read_view, start, chunk=stream.block_size)
 
     def next(self) -> TarMember:
+        return TarMember(*self.next_member())
+
+    def next_member(self) -> tuple[str, str, bytes, int]:
+        """``next()``'s member as a plain tuple ``(url, name, data, offset)``: ``GroupByKey``'s hot path.
+
+        Building the ``TarMember`` NamedTuple costs ~0.8 us, as does ``BaseNode.__next__``'s
+        check around ``next()``: together ~5% of a raw streaming pass at two members a sample.
+        The caller must have ``reset()`` this stage (``GroupByKey.reset`` does).
+        """
         while True:
             if self._reader is None:
                 self._open_next()
@@ -111,10 +120,10 @@ class Untar(Stage[TarMember]):
                 self._close()
                 self._offset = None
                 continue
-            self._offset = member.next_offset
+            name, data, offset, self._offset = member
             self.items_out += 1
-            self.bytes_out += len(member.data)
-            return TarMember(url, member.name, member.data, member.offset)
+            self.bytes_out += len(data)
+            return url, name, data, offset
 
     def shutdown(self) -> None:
         """Close the shard stream being read, if any. Idempotent. ``reset()`` before iterating again."""
