@@ -194,9 +194,10 @@ class FastGetter:
     def head(self, bucket: str, key: str) -> dict[str, Any]:
         """An object's info as s3fs gives it (``size``, ``ETag``, ``LastModified``, ...), from one HEAD."""
         loop = fsspec.asyn.get_loop()
-        return dict(fsspec.asyn.sync(loop, self._head, bucket, key))
+        return dict(fsspec.asyn.sync(loop, self.head_async, bucket, key))
 
-    async def _head(self, bucket: str, key: str) -> dict[str, Any]:
+    async def head_async(self, bucket: str, key: str) -> dict[str, Any]:
+        """:meth:`head` on the store's event loop."""
         self._ensure_client()
         headers = await self._request(self._object_url(bucket, key), {}, _headers, method="HEAD")
         return {

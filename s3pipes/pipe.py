@@ -28,7 +28,7 @@ from s3pipes.errors import ConfigError, ObjectNotFound
 from s3pipes.preview import PipeStats, Preview, describe_pipe, step_label
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, check_on_error
 from s3pipes.stages.group import GroupByKey
-from s3pipes.stages.open import DEFAULT_BLOCK_SIZE, OpenObject
+from s3pipes.stages.open import DEFAULT_AHEAD, DEFAULT_BLOCK_SIZE, OpenObject
 from s3pipes.stages.parallel import ParallelMap
 from s3pipes.stages.shards import Consumer, ShardPlan, Shards
 from s3pipes.stages.shuffle import ShuffleBuffer
@@ -133,8 +133,12 @@ class Pipe(IterableDataset[T], Generic[T]):
             raise ValueError(f"checkpoint() must be the last stage: add .{_method_name(cls)}() before it")
         return Pipe(self._plan, self._store, (*self._steps, (cls, kwargs)), epoch=self._epoch)
 
-    def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Pipe[Any]:
+    def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE, ahead: int = DEFAULT_AHEAD) -> Pipe[Any]:
         """URL -> a lazily opened stream (``.url``, ``.read()``, ``.seek()``).
+
+        Reads are ranged GETs of ``block_size`` bytes, ``ahead`` of them fetched ahead of the one
+        being read: memory is about ``(ahead + 1) * block_size`` per stream being read (a store
+        far away, with more time to a first byte, may want more ahead).
 
         Example:
             >>> store = Store()
@@ -142,7 +146,7 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> [(f.url, f.read()) for f in from_urls("memory://doc-open-object/a.txt", store=store).open_object()]
             [('memory://doc-open-object/a.txt', b'hello')]
         """
-        return self._then(OpenObject, block_size=block_size)
+        return self._then(OpenObject, block_size=block_size, ahead=ahead)
 
     def untar(self, *, on_error: OnError = "raise") -> Pipe[Any]:
         """Stream -> tar members (``.url``, ``.name``, ``.data``, ``.offset``), streaming.

@@ -7,7 +7,7 @@ pipeline its data position belongs to::
     {"version": 1,
      "source": {"urls": ["s3://b/train/shard-000.tar", ...]},
      "shuffle_shards": 0,                         # the shard seed, or None
-     "stages": [{"stage": "open_object", "block_size": 8388608},
+     "stages": [{"stage": "open_object", "block_size": 8388608, "ahead": 4},
                 {"stage": "untar"},
                 {"stage": "group_by_key"},
                 {"stage": "decode", "image": "pil", "workers": 2, "handlers": {}, "max_image_pixels": 89478485},
@@ -41,7 +41,7 @@ URLs are written as given: a presigned URL's signature would be in the spec.
 Fingerprint (:func:`spec_fingerprint`): the first 16 hex digits of the sha256 of the spec as
 canonical JSON (sorted keys, no spaces), without the arguments that only change speed, not
 the items or their order: ``workers`` (map and decode run in order on any number of threads)
-and ``open_object``'s ``block_size``. ``Pipe.state_dict()`` records it, and
+and ``open_object``'s ``block_size`` and ``ahead``. ``Pipe.state_dict()`` records it, and
 ``Pipe.load_state_dict()`` refuses a state recorded by a pipeline with another fingerprint.
 """
 
@@ -73,7 +73,7 @@ SPEC_VERSION = 1
 #: Stage arguments that hold callables.
 _CALLABLE_ARGS = frozenset({"fn", "predicate", "collate"})
 #: Stage arguments that change speed only: left out of the fingerprint.
-_SPEED_ARGS = frozenset({"workers", "block_size"})
+_SPEED_ARGS = frozenset({"workers", "block_size", "ahead"})
 _STAGES = ("open_object", "untar", "group_by_key", "decode", "map", "filter", "shuffle", "batch")
 _SOURCE_KEYS = ({"urls"}, {"prefix"}, {"prefix", "suffix"})
 

@@ -7,13 +7,13 @@ fresh Python process, so the peak RSS belongs to that stream alone.
 The bound on the growth of peak RSS across the stream, from the design:
 
 - the object stream (``ObjectStream``): ranged GETs of ``DEFAULT_BLOCK_SIZE`` (8 MiB), the
-  block being read plus ``DEFAULT_AHEAD`` (2) being fetched ahead: 3 blocks (``OpenObject``
-  opens the next shard's stream ahead too, which holds 2 more; with one shard there is none);
+  block being read plus ``DEFAULT_AHEAD`` (4) being fetched ahead: 5 blocks (``OpenObject``
+  opens the next shard's stream ahead too, but its blocks come only within that window of 4);
 - the largest sample (4 MiB): ``Untar`` keeps one member in memory at a time;
 - a fixed 64 MiB of slack for the allocator, the HTTP client's buffers, the tar reader's
   read chunk and the copies made while a member is joined from it.
 
-Total: 3 x 8 + 4 + 64 = 92 MiB, under a tenth of the shard. The baseline is taken after the
+Total: 5 x 8 + 4 + 64 = 108 MiB, about a tenth of the shard. The baseline is taken after the
 store's client has been built (``store.info``), so the one-off cost of connecting is not
 counted as streaming.
 
@@ -30,9 +30,10 @@ The stream runs twice, with the same bound:
   freed and RSS follows the bytes s3pipes holds.
 - ``glibc-default``: what a user gets. glibc raises its mmap threshold after the first
   large free, so later blocks come from the heap, whose freed space is reused imperfectly.
-  Measured with 8 MiB blocks: 45 MiB growth over the 1 GiB shard, either way, since the blocks
-  are received into buffers the stream reuses (66 MiB when each block was fresh memory; with
-  fsspec's read-ahead file and 16 MiB blocks, which this stream replaced, 110-138 MiB).
+  Measured with 8 MiB blocks: 62 MiB growth over the 1 GiB shard with 4 ahead, either way
+  (45 MiB with 2 ahead), since the blocks are received into buffers the stream reuses (66 MiB
+  with 2 ahead when each block was fresh memory; with fsspec's read-ahead file and 16 MiB
+  blocks, which this stream replaced, 110-138 MiB).
 """
 
 from __future__ import annotations

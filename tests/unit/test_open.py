@@ -91,7 +91,7 @@ def test_a_failed_block_is_fetched_again_by_the_next_read(url: str, monkeypatch:
 
 def test_open_object_opens_ahead_only_when_asked(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     prefetched: list[str] = []
-    monkeypatch.setattr(ObjectStream, "prefetch", lambda self: prefetched.append(self.url))
+    monkeypatch.setattr(ObjectStream, "prefetch", lambda self, blocks=None: prefetched.append(self.url))
     urls = [url, url + "?2", url + "?3"]
     plain = OpenObject(IterableWrapper(urls), Store())
     assert [stream.url for stream in plain] == urls and prefetched == []
@@ -101,8 +101,36 @@ def test_open_object_opens_ahead_only_when_asked(url: str, monkeypatch: pytest.M
     assert [stream.url for stream in ahead] == urls[1:]
 
 
+def test_the_next_stream_gets_only_the_fetches_the_current_one_no_longer_needs(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fetched: list[tuple[str, int]] = []
+    real_fetch = ObjectStream._fetch
+
+    def logged(self: ObjectStream, start: int) -> object:
+        fetched.append((self.url.rsplit("/")[-1], start))
+        return real_fetch(self, start)
+
+    monkeypatch.setattr(ObjectStream, "_fetch", logged)
+    other = f"file://{tmp_path}/other.bin"
+    Store().write_bytes(other, DATA[::-1])
+    block = len(DATA) // 4  # four blocks an object, two ahead
+    node = OpenObject(IterableWrapper([url, other]), Store(), block_size=block, ahead=2, open_ahead=True)
+    first = next(node)
+    after_each_read = []
+    for n in range(4):
+        assert first.read(block) == DATA[n * block : (n + 1) * block]
+        after_each_read.append(list(fetched))
+        fetched.clear()
+    first.close()
+    assert next(node).read() == DATA[::-1]
+    this, that = [("object.bin", n * block) for n in range(4)], [("other.bin", n * block) for n in range(4)]
+    assert after_each_read == [this[:3], this[3:], that[:1], that[1:2]], "no more than two blocks ahead in all"
+    assert fetched == that[2:]
+
+
 def test_a_failure_while_opening_ahead_loses_no_stream(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: ObjectStream) -> None:
+    def broken(self: ObjectStream, blocks: int | None = None) -> None:
         raise RuntimeError("not a store error")
 
     monkeypatch.setattr(ObjectStream, "prefetch", broken)

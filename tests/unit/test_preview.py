@@ -276,7 +276,7 @@ def test_repr_has_a_line_per_stage_with_its_arguments(shards: str) -> None:
         f"  urls: {shards}/shard-000.tar, {shards}/shard-001.tar, {shards}/shard-002.tar, ... (5 in all)"
     )
     assert lines[2:] == [
-        "  .open_object(block_size=8388608)",
+        "  .open_object(block_size=8388608, ahead=4)",
         "  .untar()",
         "  .group_by_key()",
         "  .decode(image='torch', handlers=[], max_image_pixels=89478485, workers=2)",
