@@ -119,8 +119,9 @@ class GroupByKey(Stage[Sample]):
         # for (``Untar.state_at``); a TarMember is the same 4-tuple (url, name, data, offset).
         self._untar = self.source if isinstance(self.source, Untar) else None
 
-    def _pull(self) -> _Pulled:
-        """Next member that names a field, as ``(url, name, data, offset, key, field)``.
+    def _pull(self) -> _Pulled | None:
+        """Next member that names a field, as ``(url, name, data, offset, key, field)``; None where
+        a shard ends (from an ``Untar``: other sources end a shard's last sample with the next URL).
 
         The source state from before it goes to ``_pending_state``, except from an ``Untar``:
         asking it for its state before every member cost ~7% of a raw streaming pass.
@@ -129,7 +130,10 @@ class GroupByKey(Stage[Sample]):
         while True:
             if untar is not None:
                 before = None
-                url, name, data, offset = untar.next_member()
+                member = untar.next_member()
+                if member is None:
+                    return None
+                url, name, data, offset = member
             else:
                 before = self.source.state_dict()
                 url, name, data, offset = next(self.source)
@@ -158,8 +162,10 @@ class GroupByKey(Stage[Sample]):
 
     def _group(self) -> Sample | None:
         """The next sample; None when it had a repeated field and ``on_error="skip"`` dropped it."""
-        first = self._pending if self._pending is not None else self._pull()
+        first = self._pending
         self._pending = None
+        while first is None:
+            first = self._pull()
         url, name, data, offset, key, field = first
         sample: Sample = {"__key__": key, "__url__": url, field: data}
         members = [(field, name, offset)]  # for places(): a dict per sample cost ~1 us more
@@ -169,6 +175,8 @@ class GroupByKey(Stage[Sample]):
                 following = self._pull()
             except StopIteration:
                 self._pending_state = None
+                break
+            if following is None:  # the shard ended
                 break
             if following[4] != key or following[0] != url:
                 self._pending = following

@@ -66,3 +66,19 @@ def test_the_next_shard_is_fetched_while_the_current_one_is_read(
         assert any("shard-001" in target for method, target, _ in proxy.log if method == "GET")
         assert not any("shard-002" in target for _, target, _ in proxy.log), "one shard ahead, not more"
         assert [s["__key__"] for s in iterator] == [f"sample{n:04d}" for n in range(1, 12)]
+
+
+def test_a_missing_shard_looked_up_ahead_is_named_when_its_turn_comes(s3_store: Store, s3_root: str) -> None:
+    urls = write_shards(s3_root, shards=3, per_shard=4, store=s3_store)
+    kept = s3_store.read_bytes(urls[1])
+    s3_store.delete(urls[1])
+    pipe = sp.webdataset(urls, store=s3_store)
+    seen = []
+    with pytest.raises(sp.ObjectNotFound, match="shard-001") as info:  # its HEAD failed on the event loop
+        seen.extend(sample["__key__"] for sample in pipe)
+    assert info.value.stage == "open_object"
+    assert seen == [f"sample{n:04d}" for n in range(4)], "all of shard-000 (its last sample too), nothing after"
+    s3_store.write_bytes(urls[1], kept)  # back: the position after the error resumes with it
+    resumed = sp.webdataset(urls, store=s3_store)
+    resumed.load_state_dict(pipe.state_dict())
+    assert [sample["__key__"] for sample in resumed] == [f"sample{n:04d}" for n in range(4, 12)]
