@@ -217,10 +217,29 @@ class TarReader:
                 if header_at != first or name is not None:
                     raise TarFormatError("archive ends inside a member's headers", header_at)
                 return None  # the end-of-archive marker
-            if not _checksum_ok(buffer, at, raw_sum, _number(raw_sum, header_at)):
+            # The usual forms of _number and _checksum_ok, inline: ~9% fewer instructions a header
+            # (perf stat, webdataset shards). A negative ``stored`` fails the comparison.
+            try:
+                stored = int(raw_sum.rstrip(b" \0"), 8)
+            except ValueError:
+                stored = _number(raw_sum, header_at)
+            # the byte sum with the checksum field counted as spaces (adler32's low half: 1 + sum)
+            unsigned = (
+                (adler32(buffer[at : at + 256]) & 0xFFFF)
+                + (adler32(buffer[at + 256 : at + BLOCK]) & 0xFFFF)
+                - (adler32(raw_sum) & 0xFFFF)
+                + 255
+            )
+            if stored != unsigned and not _checksum_ok(buffer, at, raw_sum, stored):
                 raise TarFormatError("tar header checksum mismatch (corrupt or not a tar)", header_at)
             size = size_override if size_override is not None and kind not in (_PAX, _GNU_LONGNAME) else None
-            size = _number(raw_size, header_at) if size is None else size
+            if size is None:
+                try:
+                    size = int(raw_size.rstrip(b" \0"), 8)
+                except ValueError:
+                    size = _number(raw_size, header_at)
+                if size < 0:
+                    _number(raw_size, header_at)  # raises, naming the field
             at, buffer = self._position, self._buffer
             padded = at + size + (-size % BLOCK)  # the data, then the padding to the block boundary
             if padded <= len(buffer):  # the usual case, without _take and _skip (~1.5 us a sample)

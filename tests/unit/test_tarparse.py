@@ -186,6 +186,37 @@ def test_a_negative_size_is_an_error_not_a_member() -> None:
     assert info.value.offset == 0
 
 
+def one_member(name: bytes, payload: bytes, *, size_field: bytes | None = None, signed: bool = False) -> bytes:
+    """A ustar archive of one member, its header written by hand (fields as unusual writers leave them)."""
+    header = bytearray(tarfile.TarInfo("x").tobuf(format=tarfile.USTAR_FORMAT))
+    header[0:100] = name.ljust(100, b"\0")
+    header[124:136] = size_field if size_field is not None else b"%011o\0" % len(payload)
+    header[148:156] = b" " * 8
+    total = sum(byte - 256 if signed and byte >= 128 else byte for byte in header)  # old writers: signed bytes
+    header[148:156] = b"%06o\0 " % (total & 0o777777)
+    return bytes(header) + payload.ljust(-(-len(payload) // BLOCK) * BLOCK, b"\0") + bytes(2 * BLOCK)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_checksums_of_both_sums_are_accepted_and_a_wrong_one_is_not(signed: bool) -> None:
+    name = "caf\u00e9-\u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9.txt".encode()  # bytes >= 128: the two sums differ
+    data = one_member(name, b"hello", signed=signed)
+    assert [(m.name, m.data) for m in members(data)] == [(name.decode(), b"hello")]
+    broken = bytearray(data)
+    broken[150] ^= 1  # a checksum digit
+    with pytest.raises(TarFormatError, match="checksum"):
+        members(bytes(broken))
+
+
+@pytest.mark.parametrize(
+    "size_field",
+    [b"%011o\0" % 5, b"%011o " % 5, (b"%o\0" % 5).rjust(12, b" "), b"%012o" % 5, b"\x80" + (5).to_bytes(11, "big")],
+    ids=["nul-ended", "space-ended", "space-padded", "twelve-digits", "base-256"],
+)
+def test_size_fields_in_every_form_writers_use(size_field: bytes) -> None:
+    assert [m.data for m in members(one_member(b"a.bin", b"12345", size_field=size_field))] == [b"12345"]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_header_byte_sum_is_exact(seed: int) -> None:
     import random
