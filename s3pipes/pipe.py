@@ -427,7 +427,7 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> spec["source"]
             {'urls': ['memory://doc-to-spec/0.tar', 'memory://doc-to-spec/1.tar']}
             >>> spec["stages"]
-            [{'stage': 'open_object', 'block_size': 8388608}, {'stage': 'untar'}]
+            [{'stage': 'open_object', 'block_size': 8388608, 'ahead': 4}, {'stage': 'untar'}]
         """
         from s3pipes.spec import to_spec
 
@@ -446,6 +446,7 @@ class Pipe(IterableDataset[T], Generic[T]):
             stages:
             - stage: open_object
               block_size: 8388608
+              ahead: 4
         """
         from s3pipes.spec import to_yaml
 
