@@ -53,6 +53,11 @@ class Member(NamedTuple):
     next_offset: int
 
 
+# What Member(...) does, without the Python frame of its generated __new__: 2.6% of the
+# reader's instructions on webdataset shards (perf stat).
+_new_member = tuple.__new__
+
+
 def _number(field: bytes, offset: int) -> int:
     try:  # the usual form: octal digits ended by NUL and/or spaces
         value = int(field.rstrip(b" \0") or b"0", 8)
@@ -274,4 +279,4 @@ class TarReader:
                 name = _text(raw_name)
                 if magic[:5] == b"ustar" and prefix[0]:
                     name = _text(prefix) + "/" + name
-            return Member(name, data, first, self.offset)
+            return _new_member(Member, (name, data, first, self.offset))
