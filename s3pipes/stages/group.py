@@ -116,7 +116,7 @@ class GroupByKey(Stage[Sample]):
         self._pending_state: StateDict | None = None
         self._recent: deque[tuple[str, str, list[tuple[str, str, int]]]] = deque(maxlen=self.REMEMBERED)
         # From an Untar, members come as plain tuples and its state is built only when asked
-        # for (``Untar.state_at``); a TarMember is the same 4-tuple (url, name, data, offset).
+        # for (``Untar.state_at``).
         self._untar = self.source if isinstance(self.source, Untar) else None
 
     def _pull(self) -> _Pulled | None:
@@ -136,7 +136,8 @@ class GroupByKey(Stage[Sample]):
                 url, name, data, offset = member
             else:
                 before = self.source.state_dict()
-                url, name, data, offset = next(self.source)
+                item = next(self.source)  # a TarMember, or anything with its attributes
+                url, name, data, offset = item.url, item.name, item.data, item.offset
             parts = split_key(name)
             if parts is not None:
                 self._pending_state = before
@@ -162,35 +163,40 @@ class GroupByKey(Stage[Sample]):
 
     def _group(self) -> Sample | None:
         """The next sample; None when it had a repeated field and ``on_error="skip"`` dropped it."""
-        first = self._pending
-        self._pending = None
-        while first is None:
-            first = self._pull()
+        while self._pending is None:
+            self._pending = self._pull()
+        # _pending stays the sample's first member until the sample is complete: the state
+        # after an error raised while it is being built resumes at its start, not in its middle.
+        first, first_state = self._pending, self._pending_state
         url, name, data, offset, key, field = first
         sample: Sample = {"__key__": key, "__url__": url, field: data}
         members = [(field, name, offset)]  # for places(): a dict per sample cost ~1 us more
         broken: DuplicateField | None = None
-        while True:
-            try:
-                following = self._pull()
-            except StopIteration:
-                self._pending_state = None
-                break
-            if following is None:  # the shard ended
-                break
-            if following[4] != key or following[0] != url:
-                self._pending = following
-                break
-            if broken is not None:
-                continue  # the rest of a sample being dropped
-            _, name, data, offset, _, field = following
-            try:
-                add_field(sample, field, data, member=name, offset=offset)
-                members.append((field, name, offset))
-            except DuplicateField as exc:
-                if self.on_error == "raise":
-                    raise
-                broken = exc
+        try:
+            while True:
+                try:
+                    following = self._pull()
+                except StopIteration:
+                    following = None
+                if following is None:  # the end of the shard (or of the source)
+                    self._pending = self._pending_state = None
+                    break
+                if following[4] != key or following[0] != url:
+                    self._pending = following
+                    break
+                if broken is not None:
+                    continue  # the rest of a sample being dropped
+                _, name, data, offset, _, field = following
+                try:
+                    add_field(sample, field, data, member=name, offset=offset)
+                    members.append((field, name, offset))
+                except DuplicateField as exc:
+                    if self.on_error == "raise":
+                        raise
+                    broken = exc
+        except BaseException:
+            self._pending_state = first_state
+            raise
         if broken is not None:
             self.skips.record(broken)
             return None

@@ -320,3 +320,17 @@ def test_skip_drops_the_sample_with_a_repeated_field_and_keeps_count(duplicated:
 
 def test_resume_harness_with_a_repeated_field(duplicated: tuple[str, Any], root: str) -> None:
     assert_resumes(lambda: sp.webdataset(f"{root}/", shuffle_seed=3, on_error="skip").decode(on_error="skip"))
+
+
+def test_the_state_after_a_repeated_field_raises_resumes_at_that_sample(duplicated: tuple[str, Any], root: str) -> None:
+    url, second = duplicated
+    pipe = sp.webdataset(f"{root}/")
+    iterator = iter(pipe)
+    with pytest.raises(DuplicateField):
+        while True:
+            next(iterator)
+    resumed = sp.webdataset(f"{root}/")
+    resumed.load_state_dict(pipe.state_dict())
+    with pytest.raises(DuplicateField) as info:  # the same sample, whole, raises again
+        next(iter(resumed))
+    assert (info.value.url, info.value.member, info.value.offset) == (url, "sample0008.cls", second.offset)
