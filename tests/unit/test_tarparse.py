@@ -217,6 +217,29 @@ def test_size_fields_in_every_form_writers_use(size_field: bytes) -> None:
     assert [m.data for m in members(one_member(b"a.bin", b"12345", size_field=size_field))] == [b"12345"]
 
 
+def test_a_negative_checksum_is_an_error_even_where_it_equals_the_signed_sum() -> None:
+    header = bytearray(b"\xff" * BLOCK)  # found by a review: the signed sum of this header is negative
+    header[124:136] = b"\x80" + bytes(11)  # size 0, base-256
+    header[156:157] = b"0"
+    header[148:156] = b" " * 8
+    signed = sum(byte - 256 if byte >= 128 else byte for byte in header)
+    header[148:156] = (b"-%o" % -signed).ljust(8, b"\0")
+    with pytest.raises(TarFormatError, match="negative number"):
+        members(bytes(header) + bytes(2 * BLOCK))
+
+
+@pytest.mark.parametrize(("value", "error"), [("-512", "negative pax size"), ("12x", "invalid pax size")])
+def test_a_pax_size_that_is_not_a_size_is_an_error(value: str, error: str) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k.a")
+        info.size, info.pax_headers = 5, {"size": value}
+        tar.addfile(info, io.BytesIO(b"hello"))
+    with pytest.raises(TarFormatError, match=error) as caught:
+        members(buffer.getvalue())
+    assert caught.value.offset == 0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_the_header_byte_sum_is_exact(seed: int) -> None:
     import random
