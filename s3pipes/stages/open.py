@@ -243,6 +243,8 @@ class ObjectStream:
                 lookup = self._getter.head_async(self._bucket, self._key)
                 self._size_lookup = asyncio.run_coroutine_threadsafe(lookup, fsspec.asyn.get_loop())
             return
+        if self._size is None and self._size_lookup is not None and self._size_lookup.exception() is not None:
+            return  # the lookup failed: the first read raises it (translating an error can cost a request)
         with self._naming_stage():
             self._object_size()
         if not self._ahead:

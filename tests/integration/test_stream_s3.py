@@ -82,3 +82,18 @@ def test_a_missing_shard_looked_up_ahead_is_named_when_its_turn_comes(s3_store: 
     resumed = sp.webdataset(urls, store=s3_store)
     resumed.load_state_dict(pipe.state_dict())
     assert [sample["__key__"] for sample in resumed] == [f"sample{n:04d}" for n in range(4, 12)]
+
+
+def test_a_missing_shard_looked_up_ahead_costs_one_classifying_request(
+    s3_server: LocalS3Server, s3_store: Store, s3_root: str
+) -> None:
+    urls = write_shards(s3_root, shards=3, per_shard=4, store=s3_store)
+    s3_store.delete(urls[1])
+    with FaultProxy(s3_server.endpoint_url, seed=1) as proxy:
+        store = Store({**s3_server.storage_options, "endpoint_url": proxy.endpoint_url})
+        # every block of shard-000 asked for at once: each of its reads then offers shard-001 fetches
+        pipe = sp.from_urls(urls, store=store).open_object(block_size=1024, ahead=16).untar().group_by_key()
+        with pytest.raises(sp.ObjectNotFound, match="shard-001"):
+            list(pipe)
+        probes = [target for method, target, _ in proxy.log if method == "GET" and "list-type=2" in target]
+    assert len(probes) == 1, f"the HEAD's failure was translated (and the bucket listed) {len(probes)} times"
