@@ -244,9 +244,13 @@ def test_forked_workers_do_not_inherit_half_closed_clients(
 
 CTRL_C_JOB = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from torch.utils.data import DataLoader
     import s3pipes as sp
+
+    # Python's own handler, as under a terminal: a test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def slow(sample):
         time.sleep(0.1)
