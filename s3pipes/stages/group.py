@@ -84,7 +84,9 @@ class GroupByKey(Stage[Sample]):
     """Merges consecutive members with the same key (in the same shard) into a sample.
 
     Every sample has ``__key__`` and ``__url__`` (the shard). The position is that of the
-    first member of the next sample, so a checkpoint between samples never splits one.
+    first member of the next sample, so a checkpoint between samples never splits one; after
+    an error raised while a sample was being built, that sample's first member. A sample ends
+    with its shard: from an ``Untar``, without waiting for the next shard to open.
 
     With ``Untar(on_error="skip")`` as the source, a sample whose member the shard broke in
     (the skip names that member) is dropped: its fields are incomplete. When the corrupt
