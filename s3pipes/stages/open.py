@@ -1,7 +1,7 @@
 """OpenObject: shard URL -> a lazily opened, seekable byte stream through the Store.
 
 The stream reads the object in ranged GETs of ``block_size`` bytes, ``ahead`` blocks
-ahead (two by default) on the store's event loop, so the network and the parsing
+ahead (four by default) on the store's event loop, so the network and the parsing
 overlap. It replaces fsspec's buffered file on this hot path; measured on one 1 GiB
 shard of 4 MiB members against SeaweedFS (same run):
 
@@ -11,7 +11,7 @@ reader                               MB/s            peak RSS growth
 fsspec ``readahead``, 16 MiB blocks  592             138 MiB
 fsspec ``readahead``, 8 MiB blocks   563             86 MiB
 fsspec ``background``, 8 MiB blocks  457             317 MiB (grows)
-this stream, 8 MiB blocks            see benchmarks  <= 3 blocks + a member
+this stream, 8 MiB blocks            see benchmarks  <= ahead + 1 blocks + a member
 ===================================  ==============  ======================
 
 On S3's low-CPU path (:mod:`s3pipes._fastget`) each block is received from the socket
