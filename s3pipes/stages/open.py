@@ -11,7 +11,7 @@ reader                               MB/s            peak RSS growth
 fsspec ``readahead``, 16 MiB blocks  592             138 MiB
 fsspec ``readahead``, 8 MiB blocks   563             86 MiB
 fsspec ``background``, 8 MiB blocks  457             317 MiB (grows)
-this stream, 8 MiB blocks            see benchmarks  <= ahead + 1 blocks + a member
+this stream, 8 MiB blocks            see benchmarks  <= 5 blocks + a member
 ===================================  ==============  ======================
 
 On S3's low-CPU path (:mod:`s3pipes._fastget`) each block is received from the socket
