@@ -50,6 +50,9 @@ class Untar(Stage[TarMember]):
 
     Raises:
         CorruptShard: the stream is not a readable tar (names the shard, member where known, and offset).
+            Under ``"raise"``, every later ``next()`` raises it again until ``reset()``, as a resume
+            from the state (still at the corrupt member) would: the rest of the shard is never
+            skipped silently.
     """
 
     OFFSET_KEY = "offset"
@@ -71,6 +74,7 @@ class Untar(Stage[TarMember]):
         self._shard_state: StateDict | None = state.get(SOURCE_KEY)
         self._offset: int | None = state.get(self.OFFSET_KEY)
         self.skips = SkipLog.of(state)
+        self._failed: CorruptShard | None = None  # raised under on_error="raise": raised again by every next()
         if self._offset is not None:  # resume inside a shard: reopen it at the next member
             self._open_next(start=self._offset)
 
@@ -105,6 +109,8 @@ class Untar(Stage[TarMember]):
         members a sample. The None ends the shard's last sample without opening the next shard
         (whose first block, or error, may take a while). The caller must have ``reset()`` this stage.
         """
+        if self._failed is not None:
+            raise self._failed
         if self._reader is None:
             self._open_next()
         assert self._reader is not None and self._stream is not None
@@ -115,6 +121,7 @@ class Untar(Stage[TarMember]):
             self._close()
             error = CorruptShard(url, f"unreadable tar data: {exc}", member=exc.member, offset=exc.offset)
             if self.on_error == "raise":
+                self._failed = error
                 raise error from exc
             self.skips.record(error)
             member = None

@@ -109,6 +109,29 @@ def test_garbage_header_raises_naming_url_and_offset(garbage: tuple[str, Any], r
     assert f"byte offset {member.offset}" in str(info.value) and "checksum" in str(info.value)
 
 
+def test_after_corrupt_shard_every_next_raises_it_again_and_the_state_stays_there(
+    garbage: tuple[str, Any], root: str
+) -> None:
+    pipe = sp.webdataset(f"{root}/")
+    iterator = iter(pipe)
+    seen = []
+    with pytest.raises(CorruptShard) as first:
+        while True:
+            seen.append(next(iterator)["__key__"])
+    state = pipe.state_dict()
+    for _ in range(2):  # not the next shard's samples, nor the partial sample before the corrupt header
+        with pytest.raises(CorruptShard) as again:
+            next(iterator)
+        assert again.value is first.value
+        assert pipe.state_dict() == state
+    assert seen == all_keys()[:8]  # sample0008 was being built when the header after it failed
+    resumed = sp.webdataset(f"{root}/")
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    with pytest.raises(CorruptShard) as on_resume:
+        list(resumed)
+    assert on_resume.value.offset == first.value.offset
+
+
 @pytest.mark.parametrize(("key", "field", "shard"), [(BAD_PNG, "png", 0), (BAD_JSON, "json", 2)])
 def test_undecodable_field_raises_naming_sample_shard_and_field(root: str, key: str, field: str, shard: int) -> None:
     pipe = sp.webdataset(f"{root}/").decode("pil")
