@@ -16,9 +16,7 @@ from __future__ import annotations
 import cProfile
 import io
 import itertools
-import os
 import pstats
-import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +27,7 @@ from typing import Any
 import fsspec.asyn
 
 import s3pipes
+from benchmarks._cpu import process_cpu, server_cpu
 from benchmarks._map_data import Objects, botocore_client
 from benchmarks._map_readers import collate, decode_png, s3torch_dataset, s3torch_environment
 from s3pipes.mapstyle import DEFAULT_CONCURRENCY
@@ -68,32 +67,17 @@ class Part:
         return 1000 * self.seconds / self.batches if self.seconds else None
 
 
-def _process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _server_cpu(pid: int | None) -> float | None:
-    """CPU seconds used so far by process ``pid`` (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _measure(name: str, run: Callable[[], object], items: int, batches: int, *, repeats: int, pid: int | None) -> Part:
     """The best of ``repeats`` runs of ``run`` (the first includes any new client's connections)."""
     best: Part | None = None
     for _ in range(repeats):
-        cpu, server = _process_cpu(), _server_cpu(pid)
+        cpu, server = process_cpu(), server_cpu(pid)
         started = time.perf_counter()
         run()
         seconds = time.perf_counter() - started
-        server_after = _server_cpu(pid)
+        server_after = server_cpu(pid)
         served = 1000 * (server_after - server) / items if server is not None and server_after is not None else None
-        part = Part(name, seconds, items, batches, 1000 * (_process_cpu() - cpu) / items, served)
+        part = Part(name, seconds, items, batches, 1000 * (process_cpu() - cpu) / items, served)
         if best is None or part.seconds < best.seconds:
             best = part
     assert best is not None

@@ -65,6 +65,8 @@ class Row:
         seconds: one wall-clock time per pass, in order; empty if it failed.
         samples_per_s, mb_per_s: of the best (shortest) pass; MB/s counts stored shard bytes.
         first_samples_per_s: of the first pass (includes the first connections).
+        client_cpu_s, server_cpu_s: CPU seconds of the best pass, of this process (all threads,
+            and DataLoader workers) and of SeaweedFS (None where /proc cannot be read).
         error: why there are no numbers.
     """
 
@@ -73,18 +75,33 @@ class Row:
     samples_per_s: float | None = None
     mb_per_s: float | None = None
     first_samples_per_s: float | None = None
+    client_cpu_s: float | None = None
+    server_cpu_s: float | None = None
     error: str | None = None
 
     @classmethod
-    def timed(cls, name: str, seconds: list[float], dataset: Dataset) -> Row:
+    def timed(cls, name: str, seconds: list[float], dataset: Dataset, cpu: list[tuple[float, float | None]]) -> Row:
         best, first = min(seconds), seconds[0]
+        client, served = cpu[seconds.index(best)]
         return cls(
             name,
             tuple(seconds),
             samples_per_s=dataset.samples / best,
             mb_per_s=dataset.object_bytes / best / MB,
             first_samples_per_s=dataset.samples / first,
+            client_cpu_s=client,
+            server_cpu_s=served,
         )
+
+    @property
+    def best_seconds(self) -> float | None:
+        return min(self.seconds) if self.seconds else None
+
+    def busy_cores(self) -> float | None:
+        """Cores busy on average over the best pass (client and server together)."""
+        if self.best_seconds is None or self.client_cpu_s is None or self.server_cpu_s is None:
+            return None
+        return (self.client_cpu_s + self.server_cpu_s) / self.best_seconds
 
 
 def check(tally: Tally, dataset: Dataset, *, decodes: bool) -> str | None:
@@ -160,10 +177,32 @@ class Report:
             "settings": self.settings,
             "rows": [asdict(row) for row in self.rows],
             "ratios": self.ratios(),
+            "cpu_bound": self.cpu_bound(),
         }
 
+    def cpu_bound(self) -> dict[str, float] | None:
+        """The shortest an s3pipes raw pass could take with every core busy all the time, from the
+        CPU its best pass used (client + server), and the share of the ceiling that would be."""
+        ceiling, raw, cores = self.row(CEILING), self.row(S3PIPES_RAW), self.machine.get("cores")
+        if raw.client_cpu_s is None or raw.server_cpu_s is None or not cores or ceiling.best_seconds is None:
+            return None
+        floor = (raw.client_cpu_s + raw.server_cpu_s) / cores
+        return {"seconds": floor, "vs_ceiling": ceiling.best_seconds / floor}
+
     def markdown(self) -> str:
-        return "\n".join([*self._context(), "", *self._table(), "", *self._ratio_table()])
+        return "\n".join([*self._context(), "", *self._table(), "", *self._ratio_table(), *self._bound()])
+
+    def _bound(self) -> list[str]:
+        bound, raw = self.cpu_bound(), self.row(S3PIPES_RAW)
+        if bound is None or raw.best_seconds is None:
+            return []
+        return [
+            "",
+            f"CPU bound: the best s3pipes raw pass used {raw.client_cpu_s:.2f} s of client CPU and "
+            f"{raw.server_cpu_s:.2f} s of the server's; with all {self.machine['cores']} cores busy all the time it "
+            f"could take no less than {bound['seconds']:.2f} s, {bound['vs_ceiling']:.2f}x the ceiling's MB/s "
+            f"(it took {raw.best_seconds:.2f} s, {raw.busy_cores():.2f} cores busy on average).",
+        ]
 
     def _context(self) -> list[str]:
         m, d, s = self.machine, self.dataset, self.settings
@@ -188,19 +227,21 @@ class Report:
     def _table(self) -> list[str]:
         ceiling = self.row(CEILING).mb_per_s
         lines = [
-            "| reader | samples/s | MB/s | vs ceiling | first pass samples/s | pass times (s) |",
-            "|---|---:|---:|---:|---:|---|",
+            "| reader | samples/s | MB/s | vs ceiling | first pass samples/s | pass times (s) "
+            "| client CPU s | server CPU s | cores busy |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
         for row in self.rows:
             if row.error is not None:
-                lines.append(f"| {row.name} | n/a | n/a | n/a | n/a | failed: {row.error} |")
+                lines.append(f"| {row.name} | n/a | n/a | n/a | n/a | failed: {row.error} | | | |")
                 continue
             assert row.samples_per_s is not None and row.mb_per_s is not None and row.first_samples_per_s is not None
             share = f"{row.mb_per_s / ceiling:.2f}" if ceiling else "n/a"
             times = ", ".join(f"{t:.2f}" for t in row.seconds)
             lines.append(
                 f"| {row.name} | {row.samples_per_s:,.0f} | {row.mb_per_s:,.1f} | {share} "
-                f"| {row.first_samples_per_s:,.0f} | {times} |"
+                f"| {row.first_samples_per_s:,.0f} | {times} | {_number(row.client_cpu_s, '.2f')} "
+                f"| {_number(row.server_cpu_s, '.2f')} | {_number(row.busy_cores(), '.2f')} |"
             )
         return lines
 
@@ -211,3 +252,7 @@ class Report:
             met = {True: "yes", False: "NO", None: "n/a"}[ratio["met"]]
             lines.append(f"| {ratio['name']} | {value} | >= {ratio['target']:g} | {met} |")
         return lines
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -41,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from benchmarks._cpu import process_cpu, server_cpu
 from benchmarks._data import IMAGE_SIDE, JPEG_QUALITY, Dataset, jpeg_pool, write_shards
 from benchmarks._readers import CEILING, S3PIPES_RAW, Reader, readers
 from benchmarks._report import Report, Row, check
@@ -118,13 +119,19 @@ def prepare(server: LocalS3Server, config: Config) -> Dataset:
 def measure(reader: Reader, server: LocalS3Server, dataset: Dataset, repeats: int) -> Row:
     """Set ``reader`` up, time ``repeats`` passes, check each; an optional reader's failure becomes the row."""
     seconds: list[float] = []
+    cpu: list[tuple[float, float | None]] = []  # per pass: this process's CPU seconds, the server's
     try:
         with contextlib.ExitStack() as stack:
             run = reader.setup(stack, server, dataset)
             for _ in range(repeats):
+                client, served = process_cpu(), server_cpu(server.pid)
                 started = time.perf_counter()
                 tally = run()
                 seconds.append(time.perf_counter() - started)
+                served_after = server_cpu(server.pid)
+                cpu.append(
+                    (process_cpu() - client, None if served is None or served_after is None else served_after - served)
+                )
                 problem = check(tally, dataset, decodes=reader.decodes)
                 if problem is not None:
                     raise RuntimeError(f"{reader.name}: {problem}")
@@ -134,7 +141,7 @@ def measure(reader: Reader, server: LocalS3Server, dataset: Dataset, repeats: in
         _log(f"{reader.name}: failed: {type(exc).__name__}: {exc}")
         return Row(reader.name, error=f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200])
     _log(f"{reader.name}: {', '.join(f'{t:.2f}' for t in seconds)} s")
-    return Row.timed(reader.name, seconds, dataset)
+    return Row.timed(reader.name, seconds, dataset, cpu)
 
 
 def warm_up(ceiling: Reader, server: LocalS3Server, dataset: Dataset) -> None:
