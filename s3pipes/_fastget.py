@@ -38,14 +38,13 @@ import fsspec.asyn
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from s3pipes._http import Client, Response
+from s3pipes._blockget import BlockGetter
+from s3pipes._http import ATTEMPTS, RETRY_STATUS, Client, Response
 from s3pipes._memory import anonymous_buffer
 from s3pipes._sigv4 import Signer
 
 __all__ = ["FastGetter"]
 
-_RETRY_STATUS = {500, 502, 503, 504}
-_ATTEMPTS = 6  # a request, a dropped body or a 5xx: tried this many times in all
 _CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]*)</Message>")
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
@@ -139,6 +138,9 @@ class FastGetter:
         self._signer = Signer(credentials.access_key, credentials.secret_key, credentials.token, region)
         self._timeouts = timeouts
         self._client: Client | None = None
+        # Blocks of streams from a plain-http endpoint come on threads (see _blockget for why).
+        plain = endpoint.startswith("http://")
+        self.blocks = BlockGetter(endpoint, self._signer, timeouts, _client_error) if plain else None
 
     def fetch(self, ranges: Sequence[Range], *, concurrency: int) -> list[bytes | BaseException]:
         """Every range's bytes, or the exception that ended its last attempt, in order."""
@@ -165,7 +167,7 @@ class FastGetter:
         """
         self._ensure_client()
         body = _Resumable(start, end, into)
-        await self._request(self._object_url(bucket, key), body.headers, body.receive)
+        await self._request(self.object_url(bucket, key), body.headers, body.receive)
 
     def _ensure_client(self) -> None:
         """Build the HTTP client on the running loop, once (its finalizer closes it on that loop).
@@ -188,7 +190,7 @@ class FastGetter:
     async def _get(self, gate: asyncio.Semaphore, bucket: str, key: str, start: int | None, end: int | None) -> bytes:
         body = _Resumable(start, end)
         async with gate:
-            await self._request(self._object_url(bucket, key), body.headers, body.receive)
+            await self._request(self.object_url(bucket, key), body.headers, body.receive)
         return body.value()
 
     def head(self, bucket: str, key: str) -> dict[str, Any]:
@@ -199,7 +201,7 @@ class FastGetter:
     async def head_async(self, bucket: str, key: str) -> dict[str, Any]:
         """:meth:`head` on the store's event loop."""
         self._ensure_client()
-        headers = await self._request(self._object_url(bucket, key), {}, _headers, method="HEAD")
+        headers = await self._request(self.object_url(bucket, key), {}, _headers, method="HEAD")
         return {
             "name": f"{bucket}/{key}",
             "size": int(headers.get("content-length", 0)),
@@ -254,7 +256,7 @@ class FastGetter:
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         """A new multipart upload's id."""
         self._ensure_client()
-        body = await self._request(self._object_url(bucket, key) + "?uploads", {}, _read_all, method="POST")
+        body = await self._request(self.object_url(bucket, key) + "?uploads", {}, _read_all, method="POST")
         upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
         if not upload_id:
             raise _client_error(200, body, "CreateMultipartUpload")
@@ -262,14 +264,14 @@ class FastGetter:
 
     async def upload_part(self, bucket: str, key: str, upload_id: str, number: int, body: memoryview) -> str:
         """Send one part; its ETag (for completing the upload)."""
-        url = f"{self._object_url(bucket, key)}?partNumber={number}&uploadId={quote(upload_id, safe='')}"
+        url = f"{self.object_url(bucket, key)}?partNumber={number}&uploadId={quote(upload_id, safe='')}"
         return await self._request(url, {}, _etag, method="PUT", data=body)
 
     async def complete_multipart_upload(self, bucket: str, key: str, upload_id: str, etags: Sequence[str]) -> None:
         """Publish the object from its parts (``etags`` in part order)."""
         parts = "".join(f"<Part><PartNumber>{n}</PartNumber><ETag>{e}</ETag></Part>" for n, e in enumerate(etags, 1))
         document = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-        url = f"{self._object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
+        url = f"{self.object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
         try:
             body = await self._request(url, {}, _read_all, method="POST", data=memoryview(document))
         except ClientError as exc:
@@ -287,13 +289,13 @@ class FastGetter:
         digests = b"".join(bytes.fromhex(etag.strip('"')) for etag in etags)
         expected = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(etags)}"'
         try:
-            found = await self._request(self._object_url(bucket, key), {}, _etag, method="HEAD")
+            found = await self._request(self.object_url(bucket, key), {}, _etag, method="HEAD")
         except ClientError:
             return False
         return found == expected
 
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
-        url = f"{self._object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
+        url = f"{self.object_url(bucket, key)}?uploadId={quote(upload_id, safe='')}"
         try:
             await self._request(url, {}, _read_all, method="DELETE")
         except ClientError as exc:
@@ -302,9 +304,9 @@ class FastGetter:
 
     async def put_object(self, bucket: str, key: str, body: memoryview) -> None:
         self._ensure_client()
-        await self._request(self._object_url(bucket, key), {}, _read_all, method="PUT", data=body)
+        await self._request(self.object_url(bucket, key), {}, _read_all, method="PUT", data=body)
 
-    def _object_url(self, bucket: str, key: str) -> str:
+    def object_url(self, bucket: str, key: str) -> str:
         return f"{self._endpoint}/{bucket}/{quote(key, safe='/~')}"
 
     async def _request(
@@ -323,7 +325,7 @@ class FastGetter:
         response. The exception that ends the last attempt carries ``s3pipes_attempts``,
         which the error message reports.
         """
-        for attempt in range(1, _ATTEMPTS + 1):
+        for attempt in range(1, ATTEMPTS + 1):
             given = headers() if callable(headers) else headers
             signed = self._signer.sign(method, url, given, unsigned_payload=data is not None)  # a retry: a fresh date
             try:
@@ -336,11 +338,11 @@ class FastGetter:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):  # the client's timeouts are both: a stall is not retried,
                     raise  # so the timeout bounds the wait
-                if attempt == _ATTEMPTS:
+                if attempt == ATTEMPTS:
                     exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
                     raise
             else:
-                if status not in _RETRY_STATUS or attempt == _ATTEMPTS:
+                if status not in RETRY_STATUS or attempt == ATTEMPTS:
                     error = _client_error(status, body)
                     error.s3pipes_attempts = attempt  # read by errors.translate
                     raise error

@@ -36,7 +36,7 @@ import aiohttp
 
 from s3pipes._sigv4 import host_header
 
-__all__ = ["Client", "Response"]
+__all__ = ["ATTEMPTS", "RETRY_STATUS", "Client", "Response", "parse_head"]
 
 _HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
 _PAUSE_AT = 4 << 20  # body bytes received but not yet read before the socket stops being read
@@ -44,6 +44,8 @@ _RECEIVE = 256 << 10  # bytes per socket read into a connection's own buffer (as
 _WRITE = 1 << 20  # a request body goes out in writes of this size
 _NO_BODY = frozenset({204, 304})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+RETRY_STATUS = frozenset({500, 502, 503, 504})  # the callers' retry policy: these replies are tried again,
+ATTEMPTS = 6  # as are a dropped connection and a body cut short, this many times in all
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -169,14 +171,7 @@ class _Connection(asyncio.BufferedProtocol):
     # -- parsing -------------------------------------------------------------------------------
 
     def _parse_head(self, head: str) -> None:
-        status_line, *lines = head.split("\r\n")
-        version, _, rest = status_line.partition(" ")
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
-        status = _count(rest[:3], 10)
+        version, status, headers = parse_head(head)
         if 100 <= status < 200 and status != 101:
             return  # interim (100 Continue, 103 Early Hints): the final head follows
         self._head = (status, headers)
@@ -403,6 +398,24 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed, self.keep_alive = True, False
         if self.transport is not None:
             self.transport.abort()
+
+
+def parse_head(head: str) -> tuple[str, int, dict[str, str]]:
+    """A response head (without its blank line) -> HTTP version, status, headers (names lowercased,
+    repeated ones joined with ", ").
+
+    Example:
+        >>> parse_head("HTTP/1.1 206 Partial Content\\r\\nContent-Length: 5\\r\\nETag: \\"a\\"")
+        ('HTTP/1.1', 206, {'content-length': '5', 'etag': '"a"'})
+    """
+    status_line, *lines = head.split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    return version, _count(rest[:3], 10), headers
 
 
 def _count(text: str, base: int) -> int:

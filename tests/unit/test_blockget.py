@@ -1,0 +1,248 @@
+"""s3pipes._blockget against a scripted loopback server: ranges into buffers, retries, resumes, stalls."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import pytest
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+
+from s3pipes._blockget import BlockGetter
+from s3pipes._fastget import FastGetter, _client_error
+from s3pipes._sigv4 import Signer
+
+PAYLOAD = os.urandom(100_000)
+Handler = Callable[[socket.socket, "Server"], None]
+Serve = Callable[..., tuple["Server", BlockGetter]]
+
+
+class Server:
+    """Answers each connection with ``handler`` on a thread; keeps the request heads it read."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.connections = 0
+        self._handler = handler
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):  # OSError: the client went
+            self._handler(connection, self)
+
+    def read_request(self, connection: socket.socket) -> dict[str, str] | None:
+        """The next request's head (request line under ""), or None if the client closed."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = connection.recv(4096)
+            if not piece:
+                return None
+            data += piece
+        line, *rest = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        request = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in rest)}
+        request[""] = line
+        self.requests.append(request)
+        return request
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    servers: list[Server] = []
+
+    def start(handler: Handler, read_timeout: float = 5) -> tuple[Server, BlockGetter]:
+        server = Server(handler)
+        servers.append(server)
+        signer = Signer("AKIDEXAMPLE", "secret", None, "us-east-1")
+        return server, BlockGetter(f"http://127.0.0.1:{server.port}", signer, (2, read_timeout), _client_error)
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def asked(request: dict[str, str]) -> tuple[int, int]:
+    first, _, last = request["range"].removeprefix("bytes=").partition("-")
+    return int(first), int(last) + 1
+
+
+def partial(start: int, end: int, etag: str = '"e1"') -> bytes:
+    head = f"HTTP/1.1 206 Partial Content\r\nContent-Length: {end - start}\r\nETag: {etag}\r\n\r\n"
+    return head.encode() + PAYLOAD[start:end]
+
+
+def ranges(connection: socket.socket, server: Server) -> None:
+    """A well-behaved server: every request on the connection gets its range."""
+    while (request := server.read_request(connection)) is not None:
+        connection.sendall(partial(*asked(request)))
+
+
+def url(server: Server) -> str:
+    return f"http://127.0.0.1:{server.port}/bucket/shard%20one.tar"
+
+
+def test_ranges_arrive_in_the_buffers_over_one_signed_kept_alive_connection(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    first, second = bytearray(30_000), bytearray(50_000)
+    assert getter.receive(url(server), 1000, 31_000, memoryview(first)).obj is first
+    getter.receive(url(server), 50_000, 100_000, memoryview(second))
+    assert bytes(first) == PAYLOAD[1000:31_000] and bytes(second) == PAYLOAD[50_000:]
+    assert server.connections == 1
+    request = server.requests[0]
+    assert request[""] == "GET /bucket/shard%20one.tar HTTP/1.1"
+    assert request["host"] == f"127.0.0.1:{server.port}" and request["range"] == "bytes=1000-30999"
+    assert request["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+
+
+def test_submit_receives_on_a_thread(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    buffers = [bytearray(10_000) for _ in range(6)]
+    futures = [getter.submit(url(server), i * 10_000, (i + 1) * 10_000, memoryview(b)) for i, b in enumerate(buffers)]
+    assert [bytes(f.result(timeout=10)) for f in futures] == [PAYLOAD[i * 10_000 : (i + 1) * 10_000] for i in range(6)]
+
+
+def test_a_body_cut_short_is_resumed_from_the_last_byte_on_the_same_version(serve: Serve) -> None:
+    def handler(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        if len(server.requests) == 1:
+            start, end = asked(request)
+            connection.sendall(partial(start, end)[: -(end - start) + 12_345])  # the head and 12,345 bytes
+            return  # then the connection closes
+        connection.sendall(partial(*asked(request)))
+
+    server, getter = serve(handler)
+    buffer = bytearray(40_000)
+    getter.receive(url(server), 10_000, 50_000, memoryview(buffer))
+    assert bytes(buffer) == PAYLOAD[10_000:50_000]
+    assert [r["range"] for r in server.requests] == ["bytes=10000-49999", "bytes=22345-49999"]
+    assert server.requests[1]["if-match"] == '"e1"' and "if-match" not in server.requests[0]
+
+
+def test_a_5xx_is_retried_and_an_s3_error_reply_is_botocores_error(serve: Serve) -> None:
+    def handler(connection: socket.socket, server: Server) -> None:
+        while (request := server.read_request(connection)) is not None:
+            if len(server.requests) == 1:
+                connection.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\n\r\n")
+            elif "shard" in request[""]:
+                connection.sendall(partial(*asked(request)))
+            else:
+                body = b"<Error><Code>NoSuchKey</Code><Message>gone</Message></Error>"
+                connection.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    server, getter = serve(handler)
+    buffer = bytearray(1000)
+    getter.receive(url(server), 0, 1000, memoryview(buffer))
+    assert bytes(buffer) == PAYLOAD[:1000] and len(server.requests) == 2
+    with pytest.raises(ClientError) as info:
+        getter.receive(f"http://127.0.0.1:{server.port}/bucket/missing", 0, 10, memoryview(bytearray(10)))
+    assert info.value.response["Error"]["Code"] == "NoSuchKey"
+    assert info.value.s3pipes_attempts == 1  # type: ignore[attr-defined]
+    assert server.connections == 1, "the error reply's body was read: the connection stayed usable"
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced_without_an_error(serve: Serve) -> None:
+    def one_reply_per_connection(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        if request is not None:
+            connection.sendall(partial(*asked(request)))  # keep-alive announced, then closed
+
+    server, getter = serve(one_reply_per_connection)
+    for start in (0, 1000, 2000):
+        buffer = bytearray(1000)
+        getter.receive(url(server), start, start + 1000, memoryview(buffer))
+        assert bytes(buffer) == PAYLOAD[start : start + 1000]
+        time.sleep(0.05)  # the server's close arrives before the next request
+    assert len(server.requests) == 3 and server.connections == 3
+
+
+def test_a_stall_times_out_once_without_retries(serve: Serve) -> None:
+    def stalls(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        connection.sendall(partial(*asked(request))[:-500])
+        time.sleep(3)
+
+    server, getter = serve(stalls, read_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(aiohttp.ServerTimeoutError, match=r"no data from the server for 0\.3 s"):
+        getter.receive(url(server), 0, 5000, memoryview(bytearray(5000)))
+    assert time.monotonic() - started < 2 and len(server.requests) == 1
+
+
+def test_a_refused_connection_names_the_cause() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    getter = BlockGetter(f"http://127.0.0.1:{port}", Signer("a", "b", None, "us-east-1"), (2, 2), _client_error)
+    with pytest.raises(aiohttp.ClientOSError, match=f"cannot connect to 127.0.0.1:{port}") as info:
+        getter.receive(f"http://127.0.0.1:{port}/b/k", 0, 10, memoryview(bytearray(10)))
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+def test_a_range_the_store_ignored_is_an_error_not_the_wrong_bytes(serve: Serve) -> None:
+    def whole(connection: socket.socket, server: Server) -> None:
+        while server.read_request(connection) is not None:
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAYLOAD), PAYLOAD))
+
+    server, getter = serve(whole)
+    buffer = bytearray(100)
+    with pytest.raises(aiohttp.ClientPayloadError, match="ignored the Range"):
+        getter.receive(url(server), 500, 600, memoryview(buffer))
+    assert buffer == bytearray(100)
+
+
+def test_only_plain_http_endpoints_get_one_and_it_pickles_without_its_threads(serve: Serve) -> None:
+    credentials = Credentials("a", "b")
+    assert FastGetter("https://s3.example.com", credentials, "us-east-1", timeouts=(1, 1)).blocks is None
+    with pytest.raises(ValueError, match="plain http"):
+        BlockGetter("https://s3.example.com", Signer("a", "b", None, "us-east-1"), (1, 1), _client_error)
+    server, getter = serve(ranges)
+    getter.receive(url(server), 0, 10, memoryview(bytearray(10)))
+    copy = pickle.loads(pickle.dumps(getter))
+    buffer = bytearray(10)
+    copy.submit(url(server), 10, 20, memoryview(buffer)).result(timeout=10)
+    assert bytes(buffer) == PAYLOAD[10:20] and server.connections == 2
+
+
+def test_a_forked_child_uses_its_own_threads_and_sockets_and_the_parents_keep_working(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    getter.submit(url(server), 0, 100, memoryview(bytearray(100))).result(timeout=10)  # threads and a kept socket
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it received, then leave at once
+        try:
+            buffer = bytearray(100)
+            getter.submit(url(server), 100, 200, memoryview(buffer)).result(timeout=10)
+            os.write(write, bytes(buffer))
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as child:
+        received = child.read()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert received == PAYLOAD[100:200]
+    buffer = bytearray(100)
+    getter.submit(url(server), 200, 300, memoryview(buffer)).result(timeout=10)
+    assert bytes(buffer) == PAYLOAD[200:300]
+    assert server.connections == 2, "the child opened its own connection; the parent's was still usable"
