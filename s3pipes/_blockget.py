@@ -26,6 +26,7 @@ stream's blocks ahead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import socket
@@ -56,7 +57,7 @@ class _Connection:
     def __init__(self, host: str, port: int, connect_timeout: float, read_timeout: float) -> None:
         try:
             self._socket = socket.create_connection((host, port), timeout=connect_timeout)
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # socket.timeout is TimeoutError from 3.10
             raise aiohttp.ConnectionTimeoutError(f"could not connect within {connect_timeout:g} s") from exc
         except OSError as exc:  # refused, DNS: the cause names it (errors.translate reads the chain)
             raise aiohttp.ClientOSError(exc.errno, f"cannot connect to {host}:{port}: {exc}") from exc
@@ -68,6 +69,7 @@ class _Connection:
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._read_timeout = read_timeout
         self._extra = b""  # bytes received past the head: the body's start
+        self.taken = 0  # bytes put into the sink by the last receive_into, also when it raised
         self.keep_alive = False
         self.reused = False  # kept alive from an earlier request (if the server closed it, the request is retried)
         self.pid = os.getpid()  # the process it belongs to
@@ -85,7 +87,10 @@ class _Connection:
         while True:
             end = received.find(b"\r\n\r\n")
             if end >= 0:
-                version, status, headers = parse_head(received[:end].decode("latin-1"))
+                try:
+                    version, status, headers = parse_head(received[:end].decode("latin-1"))
+                except ValueError as exc:  # as _http: a garbled reply is a dropped connection (retried)
+                    raise aiohttp.ServerDisconnectedError(f"a malformed response head: {exc}") from exc
                 received = received[end + 4 :]
                 if 100 <= status < 200:  # interim (100 Continue): the final head follows
                     continue
@@ -93,28 +98,44 @@ class _Connection:
                 self.keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
                 return status, headers
             if len(received) > _HEAD_LIMIT:
-                raise aiohttp.ClientPayloadError(f"a response head longer than {_HEAD_LIMIT} bytes")
+                raise aiohttp.ServerDisconnectedError(f"a response head longer than {_HEAD_LIMIT} bytes")
             piece = self._receive(65536)
             if not piece:
                 raise aiohttp.ServerDisconnectedError("the server closed the connection before a reply")
             received += piece
 
     def receive_into(self, sink: memoryview) -> int:
-        """Fill ``sink`` with the body's next bytes; how many came (fewer only if the server closed)."""
-        taken = min(len(self._extra), len(sink))
-        sink[:taken] = self._extra[:taken]
-        self._extra = self._extra[taken:]
-        while taken < len(sink):
+        """Fill ``sink`` with the body's next bytes; how many came (fewer only if the server closed).
+
+        ``taken`` counts them as they come, so a caller knows how far a failed receive got. A
+        stall is reported within twice the read timeout (``SO_RCVTIMEO`` bounds each call, and a
+        call that got some bytes waits it out before returning them).
+        """
+        self.taken = min(len(self._extra), len(sink))
+        sink[: self.taken] = self._extra[: self.taken]
+        self._extra = self._extra[self.taken :]
+        while self.taken < len(sink):
             try:
-                got = self._socket.recv_into(sink[taken:], len(sink) - taken, socket.MSG_WAITALL)
+                got = self._socket.recv_into(sink[self.taken :], len(sink) - self.taken, socket.MSG_WAITALL)
             except BlockingIOError:  # SO_RCVTIMEO passed without a byte
                 raise aiohttp.ServerTimeoutError(f"no data from the server for {self._read_timeout:g} s") from None
             except OSError as exc:
                 raise aiohttp.ClientPayloadError(f"the connection failed in a body: {exc}") from exc
             if not got:
                 break
-            taken += got
-        return taken
+            self.taken += got
+        return self.taken
+
+    def idle_and_open(self) -> bool:
+        """Nothing unread on the socket and not closed by the server (a kept-alive socket may have got a
+        FIN, a reset or an unasked reply, such as a 408, while it waited): safe to send a request on."""
+        try:
+            self._socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return False  # returned: b"" if the server closed it, a byte if it sent one unasked
+        except BlockingIOError:
+            return True  # nothing there: the usual case
+        except OSError:
+            return False
 
     def _receive(self, size: int) -> bytes:
         try:
@@ -174,9 +195,9 @@ class BlockGetter:
 
     def _start(self) -> None:
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._held = _Held()
         weakref.finalize(self, self._held.shut)
+        self._pid = os.getpid()  # last: another thread that sees it sees the rest too
 
     def _own(self) -> None:
         """In a forked child, start afresh: the parent's threads do not exist here, and one of them may
@@ -214,7 +235,7 @@ class BlockGetter:
             try:
                 status, body = self._attempt(progress)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                if isinstance(exc, TimeoutError):  # a stall is not retried: the timeout bounds the wait
+                if isinstance(exc, asyncio.TimeoutError):  # a stall is not retried: the timeout bounds the wait
                     raise
                 if attempt == ATTEMPTS:
                     exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
@@ -262,11 +283,15 @@ class BlockGetter:
 
     def _connection(self) -> _Connection:
         self._own()
-        with self._lock:
-            if self._held.idle:
+        while True:
+            with self._lock:
+                if not self._held.idle:
+                    break
                 connection = self._held.idle.pop()
+            if connection.idle_and_open():
                 connection.reused = True
                 return connection
+            connection.close()
         return _Connection(self._host, self._port, *self._timeouts)
 
     def _release(self, connection: _Connection) -> None:
@@ -304,8 +329,10 @@ class _Progress:
             raise aiohttp.ClientPayloadError(
                 f"{self.url}: a reply of {headers.get('content-length')} bytes to a range of {wanted}"
             )
-        got = connection.receive_into(self._into[self._received :])
-        self._received += got
+        try:
+            got = connection.receive_into(self._into[self._received :])
+        finally:
+            self._received += connection.taken  # a retry resumes after what came, also when this failed
         if got < wanted:
             raise aiohttp.ClientPayloadError(f"{self.url}: {self._received} bytes of the {len(self._into)} asked for")
 

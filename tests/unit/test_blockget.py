@@ -6,6 +6,7 @@ import contextlib
 import os
 import pickle
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -246,3 +247,54 @@ def test_a_forked_child_uses_its_own_threads_and_sockets_and_the_parents_keep_wo
     getter.submit(url(server), 200, 300, memoryview(buffer)).result(timeout=10)
     assert bytes(buffer) == PAYLOAD[200:300]
     assert server.connections == 2, "the child opened its own connection; the parent's was still usable"
+
+
+def test_a_reset_mid_body_resumes_after_the_bytes_that_came(serve: Serve) -> None:
+    def resets(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        if len(server.requests) == 1:
+            start, end = asked(request)
+            connection.sendall(partial(start, end)[: -(end - start) + 20_000])
+            time.sleep(0.1)  # the bytes reach the client before the reset
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return  # closing with linger 0: a reset
+        connection.sendall(partial(*asked(request)))
+
+    server, getter = serve(resets)
+    buffer = bytearray(90_000)
+    getter.receive(url(server), 5000, 95_000, memoryview(buffer))
+    assert bytes(buffer) == PAYLOAD[5000:95_000]
+    assert [r["range"] for r in server.requests] == ["bytes=5000-94999", "bytes=25000-94999"]
+
+
+def test_a_garbled_reply_is_a_dropped_connection_and_retried(serve: Serve) -> None:
+    def garbled_first(connection: socket.socket, server: Server) -> None:
+        while (request := server.read_request(connection)) is not None:
+            if len(server.requests) == 1:
+                connection.sendall(b"HTTP/1.1 2x6 Partial\r\nContent-Length: 10\r\n\r\n0123456789")
+                return
+            connection.sendall(partial(*asked(request)))
+
+    server, getter = serve(garbled_first)
+    buffer = bytearray(1000)
+    getter.receive(url(server), 0, 1000, memoryview(buffer))
+    assert bytes(buffer) == PAYLOAD[:1000] and len(server.requests) == 2
+
+
+def test_an_idle_socket_with_an_unasked_reply_is_not_reused(serve: Serve) -> None:
+    def then_times_out(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        connection.sendall(partial(*asked(request)))
+        time.sleep(0.05)  # idle: a server may say so and close
+        connection.sendall(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        time.sleep(1)
+
+    server, getter = serve(then_times_out)
+    for start in (0, 1000):
+        buffer = bytearray(1000)
+        getter.receive(url(server), start, start + 1000, memoryview(buffer))
+        assert bytes(buffer) == PAYLOAD[start : start + 1000]
+        time.sleep(0.2)
+    assert server.connections == 2 and len(server.requests) == 2
