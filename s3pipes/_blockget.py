@@ -41,13 +41,12 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from s3pipes._http import ATTEMPTS, RETRY_STATUS, parse_head
+from s3pipes._http import ATTEMPTS, HEAD_LIMIT, RETRY_STATUS, parse_head, resume_headers
 from s3pipes._sigv4 import Signer, host_header
 
 __all__ = ["BlockGetter"]
 
 _THREADS = 16  # blocks received at once, over every stream of the process (each stream asks for a few)
-_HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
 _ERROR_BODY_LIMIT = 1 << 20  # an error reply's body is read up to this (S3's are a few hundred bytes)
 
 
@@ -97,8 +96,8 @@ class _Connection:
                 self._extra = received
                 self.keep_alive = version == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
                 return status, headers
-            if len(received) > _HEAD_LIMIT:
-                raise aiohttp.ServerDisconnectedError(f"a response head longer than {_HEAD_LIMIT} bytes")
+            if len(received) > HEAD_LIMIT:
+                raise aiohttp.ServerDisconnectedError(f"a response head longer than {HEAD_LIMIT} bytes")
             piece = self._receive(65536)
             if not piece:
                 raise aiohttp.ServerDisconnectedError("the server closed the connection before a reply")
@@ -304,8 +303,8 @@ class BlockGetter:
 
 
 class _Progress:
-    """One range's bytes received across attempts: a retry asks only for the rest, ``If-Match``
-    on the first answer's ETag (if the object changed in between, the store refuses with 412)."""
+    """One range's bytes received across attempts: a retry asks only for the rest, on the same
+    version (:func:`~s3pipes._http.resume_headers`)."""
 
     def __init__(self, url: str, start: int, into: memoryview) -> None:
         self.url, self.target = url, urlsplit(url).path
@@ -314,10 +313,8 @@ class _Progress:
         self._etag: str | None = None
 
     def headers(self) -> dict[str, str]:
-        headers = {"Range": f"bytes={self._start + self._received}-{self._start + len(self._into) - 1}"}
-        if self._etag is not None and self._received:
-            headers["If-Match"] = self._etag
-        return headers
+        etag = self._etag if self._received else None
+        return resume_headers(self._start + self._received, self._start + len(self._into), etag)
 
     def receive(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
         wanted = len(self._into) - self._received

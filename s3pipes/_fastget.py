@@ -39,7 +39,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from s3pipes._blockget import BlockGetter
-from s3pipes._http import ATTEMPTS, RETRY_STATUS, Client, Response
+from s3pipes._http import ATTEMPTS, RETRY_STATUS, Client, Response, resume_headers
 from s3pipes._memory import anonymous_buffer
 from s3pipes._sigv4 import Signer
 
@@ -62,9 +62,7 @@ async def _read_all(response: Response) -> bytes:
 class _Resumable:
     """One GET's body (an object, or its range ``[start, end)``), received across attempts.
 
-    A retry asks only for the bytes still missing (``Range`` from the last byte received),
-    with ``If-Match`` on the first answer's ETag: if the object changed in between, the
-    store refuses (412) rather than splice two versions.
+    A retry asks only for the bytes still missing, on the same version (:func:`resume_headers`).
     """
 
     def __init__(self, start: int | None, end: int | None, buffer: memoryview | None = None) -> None:
@@ -74,13 +72,7 @@ class _Resumable:
         self._etag: str | None = None
 
     def headers(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        first = self._start + self._received
-        if first > 0 or self._end is not None:
-            headers["Range"] = f"bytes={first}-{'' if self._end is None else self._end - 1}"
-        if self._etag is not None and self._received:
-            headers["If-Match"] = self._etag
-        return headers
+        return resume_headers(self._start + self._received, self._end, self._etag if self._received else None)
 
     async def receive(self, response: Response) -> None:
         """Take the body; the client raises ClientPayloadError if it ends before its Content-Length."""

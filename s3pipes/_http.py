@@ -36,9 +36,9 @@ import aiohttp
 
 from s3pipes._sigv4 import host_header
 
-__all__ = ["ATTEMPTS", "RETRY_STATUS", "Client", "Response", "parse_head"]
+__all__ = ["ATTEMPTS", "HEAD_LIMIT", "RETRY_STATUS", "Client", "Response", "parse_head", "resume_headers"]
 
-_HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
+HEAD_LIMIT = 64 << 10  # a response head larger than this is refused
 _PAUSE_AT = 4 << 20  # body bytes received but not yet read before the socket stops being read
 _RECEIVE = 256 << 10  # bytes per socket read into a connection's own buffer (as asyncio reads by default)
 _WRITE = 1 << 20  # a request body goes out in writes of this size
@@ -119,8 +119,8 @@ class _Connection(asyncio.BufferedProtocol):
             while self._head is None:
                 end = self._pending.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(self._pending) > _HEAD_LIMIT:
-                        self._fail(aiohttp.ServerDisconnectedError(f"a response head over {_HEAD_LIMIT} bytes"))
+                    if len(self._pending) > HEAD_LIMIT:
+                        self._fail(aiohttp.ServerDisconnectedError(f"a response head over {HEAD_LIMIT} bytes"))
                     return
                 head = bytes(self._pending[:end]).decode("latin-1")
                 del self._pending[: end + 4]
@@ -208,8 +208,8 @@ class _Connection(asyncio.BufferedProtocol):
             if self._chunk_state == "size":
                 end = pending.find(b"\r\n")
                 if end < 0:
-                    if len(pending) > _HEAD_LIMIT:
-                        self._fail(aiohttp.ClientPayloadError(f"a chunk size line over {_HEAD_LIMIT} bytes"))
+                    if len(pending) > HEAD_LIMIT:
+                        self._fail(aiohttp.ClientPayloadError(f"a chunk size line over {HEAD_LIMIT} bytes"))
                     return
                 size_text = bytes(pending[:end]).split(b";", 1)[0].strip().decode("latin-1")
                 del pending[: end + 2]
@@ -239,8 +239,8 @@ class _Connection(asyncio.BufferedProtocol):
             else:  # trailer lines, then an empty line
                 end = pending.find(b"\r\n")
                 if end < 0:
-                    if len(pending) > _HEAD_LIMIT:
-                        self._fail(aiohttp.ClientPayloadError(f"trailers over {_HEAD_LIMIT} bytes"))
+                    if len(pending) > HEAD_LIMIT:
+                        self._fail(aiohttp.ClientPayloadError(f"trailers over {HEAD_LIMIT} bytes"))
                     return
                 del pending[: end + 2]
                 if end == 0:
@@ -416,6 +416,24 @@ def parse_head(head: str) -> tuple[str, int, dict[str, str]]:
         name = name.strip().lower()
         headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
     return version, _count(rest[:3], 10), headers
+
+
+def resume_headers(first: int, end: int | None, etag: str | None) -> dict[str, str]:
+    """A GET's headers for the bytes ``[first, end)`` of an object (``end`` None: to its end), the callers'
+    resume rule: a retry asks only for the bytes still missing, ``If-Match`` on the first answer's ETag
+    (given only when resuming), so that a store whose object changed in between refuses (412) rather
+    than splice two versions.
+
+    Example:
+        >>> resume_headers(0, None, None), resume_headers(100, 200, '"e"')
+        ({}, {'Range': 'bytes=100-199', 'If-Match': '"e"'})
+    """
+    headers: dict[str, str] = {}
+    if first > 0 or end is not None:
+        headers["Range"] = f"bytes={first}-{'' if end is None else end - 1}"
+    if etag is not None:
+        headers["If-Match"] = etag
+    return headers
 
 
 def _count(text: str, base: int) -> int:
