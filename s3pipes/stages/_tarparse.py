@@ -26,6 +26,10 @@ __all__ = ["BLOCK", "Member", "TarFormatError", "TarReader"]
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _FIELDS = struct.Struct("100s24x12s12x8sc100x6s82x155s12x")  # name, size, checksum, type, magic, prefix
+# A header in halves, for the checksum without slicing a view (a view slice costs ~1.5k
+# instructions, perf stat), then its first half's fields.
+_HALVES = struct.Struct("256s256s")
+_FIRST_HALF = struct.Struct("100s24x12s12x8sc99x")  # name, size, checksum, type
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
@@ -201,6 +205,65 @@ class TarReader:
             if not self._buffer:
                 self._position = 0
                 return
+
+    def next_batch(self, limit: int = 32, max_bytes: int = 1 << 20) -> list[Member]:
+        """The next regular files that lie whole in what was read, written plainly: at most ``limit``,
+        and no more once their data reaches ``max_bytes``.
+
+        The hot path: one tight loop over the buffer, for the members ``next()`` would return, each
+        under a plain ustar header (and a pax header holding neither ``path`` nor ``size``, as
+        webdataset's TarWriter writes). It stops before anything else (a member reaching past the
+        buffer, a long name, a non-file entry, the end of the archive, a bad header): empty when the
+        next member needs ``next()``, which then reads, parses or raises as usual.
+        """
+        if self._failed is not None:
+            raise self._failed
+        buffer, at, base = self._buffer, self._position, self._base
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)  # tobytes(): ~0.8k instructions less
+        end = len(buffer)
+        members: list[Member] = []
+        first = at  # where the member's first header (its pax header, if any) starts
+        taken = 0
+        while at + BLOCK <= end and len(members) < limit and taken < max_bytes:
+            first_half, second_half = _HALVES.unpack_from(view, at)
+            raw_name, raw_size, raw_sum, kind = _FIRST_HALF.unpack(first_half)
+            if not raw_name[0]:
+                break
+            try:
+                stored = int(raw_sum.rstrip(b" \0"), 8)
+                size = int(raw_size.rstrip(b" \0"), 8)
+            except ValueError:
+                break
+            if size < 0 or stored != (
+                (adler32(first_half) & 0xFFFF) + (adler32(second_half) & 0xFFFF) - (adler32(raw_sum) & 0xFFFF) + 255
+            ):
+                break
+            data_at = at + BLOCK
+            at = data_at + size + (-size % BLOCK)
+            if at > end:
+                break
+            if kind == _PAX:
+                if first != data_at - BLOCK:  # two pax headers in a row
+                    break
+                # its records, with the padding after them when short (a "path=" there only
+                # sends the member to next())
+                if size <= 256:
+                    records = _HALVES.unpack_from(view, data_at)[0]
+                else:
+                    records = view[data_at : data_at + size].tobytes()
+                if b"path=" in records or b"size=" in records:
+                    break
+                continue
+            if kind not in _REGULAR or (second_half[89] and second_half[1:6] == b"ustar"):  # prefix: next()
+                break
+            name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            data = view[data_at : data_at + size].tobytes()
+            taken += size
+            members.append(_new_member(Member, (name, data, base + first, base + at)))
+            first = at
+        self._position = first
+        self.offset = base + first
+        return members
 
     def next(self) -> Member | None:
         """The next regular file, or None at the end of the archive.

@@ -1,8 +1,9 @@
 """Untar: byte streams -> tar members, streaming, with the byte offset of each member.
 
 Members come from :class:`s3pipes.stages._tarparse.TarReader` (see there why not
-``tarfile``: it was the measured bottleneck), one member and one read chunk in memory
-at a time. The offsets are what make resume exact: the state is the position of the
+``tarfile``: it was the measured bottleneck), one read chunk in memory at a time and
+one member, or for ``GroupByKey`` a batch of up to 32 members (about 1 MiB, or one larger
+member) parsed together. The offsets are what make resume exact: the state is the position of the
 next member header, and a resumed shard is reopened there with a ranged GET instead
 of being re-read from the start.
 """
@@ -15,7 +16,7 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import StateDict
 from s3pipes.errors import CorruptShard
-from s3pipes.stages._tarparse import TarFormatError, TarReader
+from s3pipes.stages._tarparse import Member, TarFormatError, TarReader
 from s3pipes.stages.base import SOURCE_KEY, OnError, SkipLog, Stage, check_on_error
 from s3pipes.stages.open import ObjectStream, OpenObject
 
@@ -100,6 +101,34 @@ class Untar(Stage[TarMember]):
             member = self.next_member()
             if member is not None:
                 return TarMember(*member)
+
+    def next_batch(self) -> tuple[str, list[Member]] | None:
+        """The shard's URL and its next members, as many as the reader parses in one go; None where a shard ends.
+
+        ``GroupByKey``'s hot path: a sample's members from one list cost ~20% fewer instructions a
+        sample than a call through this stage and the reader for each member (perf stat). The
+        members count as returned (``items_out``, ``get_state()``): a caller that keeps some for
+        later asks ``state_at`` the first one's offset for its state. Errors and the end of a
+        shard come as from ``next_member``. The caller must have ``reset()`` this stage.
+        """
+        if self._failed is not None:
+            raise self._failed
+        if self._reader is None:
+            self._open_next()
+        assert self._reader is not None and self._stream is not None
+        url = self._stream.url
+        members = self._reader.next_batch()
+        if not members:  # what needs the reader's general path (or the end of the shard): one member
+            member = self.next_member()
+            if member is None:
+                return None
+            _, name, data, offset = member
+            assert self._offset is not None
+            return url, [Member(name, data, offset, self._offset)]
+        self._offset = members[-1].next_offset
+        self.items_out += len(members)
+        self.bytes_out += sum([len(member.data) for member in members])
+        return url, members
 
     def next_member(self) -> tuple[str, str, bytes, int] | None:
         """``next()``'s member as a plain tuple ``(url, name, data, offset)``, or None where a shard ends.

@@ -275,3 +275,73 @@ def test_after_a_failed_read_every_next_raises_it_and_a_reopened_reader_resumes(
         reader.next()
     assert got == everything[: len(got)]
     assert members(data, start=reader.offset, chunk=700) == everything[len(got) :]
+
+
+def batched(reader: TarReader, limit: int, sizes: list[int]) -> list[Member]:
+    """Every member, as ``Untar.next_batch`` takes them: batches, and ``next()`` where a batch is empty."""
+    found: list[Member] = []
+    while True:
+        batch = reader.next_batch(limit)
+        sizes.append(len(batch))
+        if batch:
+            found += batch
+        elif (member := reader.next()) is not None:
+            found.append(member)
+        else:
+            return found
+
+
+def every_shape(tmp_path: Path) -> dict[str, bytes]:
+    pax_comment = io.BytesIO()  # a pax header of more than 256 bytes, without path or size
+    with tarfile.open(fileobj=pax_comment, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size, info.pax_headers = 700, {"comment": "c" * 400}
+            tar.addfile(info, io.BytesIO(b"z" * 700))
+    return {
+        "webdataset": webdataset_tar(),
+        "pax": stdlib_tar(tarfile.PAX_FORMAT),
+        "gnu": stdlib_tar(tarfile.GNU_FORMAT),
+        "ustar-prefix": stdlib_tar_ustar(),
+        "pax-comment": pax_comment.getvalue(),
+        "signed-checksum": one_member("caf\u00e9-\u00fc\u00f1.txt".encode(), b"payload", signed=True),
+        "high-bytes": one_member("\u00ff".encode() * 50, b"payload"),
+        **{f"gnu-tar-{fmt}": gnu_tar(tmp_path, fmt) for fmt in ("gnu", "pax", "ustar")},
+    }
+
+
+@pytest.mark.parametrize("chunk", [BLOCK, 700, 3000, 1 << 20])
+@pytest.mark.parametrize("limit", [1, 3, 32])
+def test_batches_give_exactly_what_next_gives(tmp_path: Path, chunk: int, limit: int) -> None:
+    for shape, data in every_shape(tmp_path).items():
+        sizes: list[int] = []
+        got = batched(TarReader(reused_views(data), chunk=chunk), limit, sizes)
+        assert got == members(data, chunk=chunk), shape
+        assert all(type(member.data) is bytes for member in got)
+        assert max(sizes) <= limit
+    sizes = []
+    batched(TarReader(io.BytesIO(webdataset_tar()).read, chunk=1 << 20), limit, sizes)
+    assert max(sizes) == limit  # the batches took the webdataset members, not next()
+
+
+def test_a_batch_stops_once_its_data_reaches_max_bytes() -> None:
+    reader = TarReader(io.BytesIO(webdataset_tar()).read, chunk=1 << 20)
+    assert reader.next() is not None  # a batch parses what was read: the buffer now holds the rest
+    for max_bytes in (1, 2000, 5000):
+        sizes = [len(member.data) for member in reader.next_batch(max_bytes=max_bytes)]
+        assert sum(sizes[:-1]) < max_bytes <= sum(sizes)
+
+
+def test_a_batch_ends_before_a_corrupt_header_and_next_raises_there() -> None:
+    data = bytearray(webdataset_tar())
+    everything = members(bytes(data))
+    for target in (everything[5].offset, everything[5].offset + BLOCK * 2):  # its pax header, its ustar header
+        corrupt = bytearray(data)
+        corrupt[target + 10] ^= 0x20
+        reader = TarReader(io.BytesIO(bytes(corrupt)).read, chunk=1 << 20)
+        assert reader.next() == everything[0]
+        assert reader.next_batch() == everything[1:5]
+        assert reader.next_batch() == []
+        with pytest.raises(TarFormatError, match="checksum") as info:
+            reader.next()
+        assert info.value.offset == target
