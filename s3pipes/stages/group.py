@@ -154,6 +154,11 @@ class GroupByKey(Stage[Sample]):
                 return url, name, data, offset, parts[0], parts[1]
 
     def next(self) -> Sample:
+        if self._untar is not None and self._pending is None:
+            sample = self._group_batch()  # the hot path: no skip can happen in a batch
+            if sample is not None:
+                self.items_out += 1
+                return sample
         while True:
             skips = getattr(self.source, "skips", None)  # Untar(on_error="skip")'s SkipLog
             skipped_before = skips.count if skips is not None else 0
@@ -173,10 +178,6 @@ class GroupByKey(Stage[Sample]):
 
     def _group(self) -> Sample | None:
         """The next sample; None when it had a repeated field and ``on_error="skip"`` dropped it."""
-        if self._untar is not None and self._pending is None:
-            whole = self._group_batch()
-            if whole is not None:
-                return whole
         while self._pending is None:
             self._pending = self._pull()
         # _pending stays the sample's first member until the sample is complete: the state
