@@ -16,6 +16,7 @@ header (pax or long-name header included) starts, so reopening there re-reads it
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
@@ -30,6 +31,9 @@ _FIELDS = struct.Struct("100s24x12s12x8sc100x6s82x155s12x")  # name, size, check
 # instructions, perf stat), then its first half's fields.
 _HALVES = struct.Struct("256s256s")
 _FIRST_HALF = struct.Struct("100s24x12s12x8sc99x")  # name, size, checksum, type
+# The pax records a batch leaves to next(): searched where they lie, which cost ~4k
+# instructions a pax header less than a copy and two `in` tests (perf stat).
+_PATH_OR_SIZE = re.compile(rb"(?:path|size)=")
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
@@ -245,14 +249,8 @@ class TarReader:
             if kind == _PAX:
                 if first != data_at - BLOCK:  # two pax headers in a row
                     break
-                # its records, with the padding after them when short (a "path=" there only
-                # sends the member to next())
-                if size <= 256:
-                    records = _HALVES.unpack_from(view, data_at)[0]
-                else:
-                    records = view[data_at : data_at + size].tobytes()
-                if b"path=" in records or b"size=" in records:
-                    break
+                if _PATH_OR_SIZE.search(view, data_at, data_at + size) is not None:  # in place: no copy
+                    break  # next() reads the records (a "linkpath=" also lands here: it only costs time)
                 continue
             if kind not in _REGULAR or (second_half[89] and second_half[1:6] == b"ustar"):  # prefix: next()
                 break
