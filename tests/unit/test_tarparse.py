@@ -298,7 +298,14 @@ def every_shape(tmp_path: Path) -> dict[str, bytes]:
             info = tarfile.TarInfo(f"k{i}.txt")
             info.size, info.pax_headers = 700, {"comment": "c" * 400}
             tar.addfile(info, io.BytesIO(b"z" * 700))
+    alike = io.BytesIO()  # pax headers of the same bytes (records of one length), one of them renaming its member
+    with tarfile.open(fileobj=alike, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, records in enumerate([{"comment": "abcdefgh"}, {"path": "renamed.txt"}, {"comment": "12345678"}]):
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size, info.pax_headers = 5, records
+            tar.addfile(info, io.BytesIO(b"12345"))
     return {
+        "pax-alike": alike.getvalue(),
         "webdataset": webdataset_tar(),
         "pax": stdlib_tar(tarfile.PAX_FORMAT),
         "gnu": stdlib_tar(tarfile.GNU_FORMAT),
@@ -322,6 +329,14 @@ def test_batches_give_exactly_what_next_gives(tmp_path: Path, chunk: int, limit:
     sizes = []
     batched(TarReader(io.BytesIO(webdataset_tar()).read, chunk=1 << 20), limit, sizes)
     assert max(sizes) == limit  # the batches took the webdataset members, not next()
+
+
+def test_pax_headers_of_the_same_bytes_still_have_their_records_read(tmp_path: Path) -> None:
+    data = every_shape(tmp_path)["pax-alike"]
+    assert data[0:BLOCK] == data[2048 : 2048 + BLOCK] == data[4096 : 4096 + BLOCK]  # what next_batch remembers
+    sizes: list[int] = []
+    got = batched(TarReader(io.BytesIO(data).read, chunk=1 << 20), 32, sizes)
+    assert [member.name for member in got] == ["k0.txt", "renamed.txt", "k2.txt"]
 
 
 def test_a_batch_stops_once_its_data_reaches_max_bytes() -> None:
