@@ -213,7 +213,7 @@ class TarReader:
 
     def next_batch(self, limit: int = 32, max_bytes: int = 1 << 20) -> list[Member]:
         """The next regular files that lie whole in what was read, written plainly: at most ``limit``,
-        and no more once their data reaches ``max_bytes``.
+        and at most ``max_bytes`` of data unless the first member alone is larger.
 
         The hot path: one tight loop over the buffer, for the members ``next()`` would return, each
         under a plain ustar header (and a pax header holding neither ``path`` nor ``size``, as
@@ -230,7 +230,7 @@ class TarReader:
         first = at  # where the member's first header (its pax header, if any) starts
         taken = 0
         pax_first, pax_second, pax_size = self._pax_memo
-        while at + BLOCK <= end and len(members) < limit and taken < max_bytes:
+        while at + BLOCK <= end and len(members) < limit:
             first_half, second_half = _HALVES.unpack_from(view, at)
             if first_half == pax_first and second_half == pax_second:
                 # The bytes of the last pax header taken, checked then: webdataset's TarWriter writes
@@ -263,9 +263,11 @@ class TarReader:
                 continue
             if kind not in _REGULAR or (second_half[89] and second_half[1:6] == b"ustar"):  # prefix: next()
                 break
+            taken += size
+            if taken > max_bytes and members:
+                break
             name = raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             data = view[data_at : data_at + size].tobytes()
-            taken += size
             members.append(_new_member(Member, (name, data, base + first, base + at)))
             first = at
         self._position = first

@@ -125,6 +125,7 @@ class GroupByKey(Stage[Sample]):
         self._batch: list[Member] = []
         self._batch_url = ""
         self._at = 0
+        self._ahead: tuple[str, tuple[str, str] | None] = ("", None)  # split_key of the next sample's first member
 
     def _pull(self) -> _Pulled | None:
         """Next member that names a field, as ``(url, name, data, offset, key, field)``; None where
@@ -234,7 +235,9 @@ class GroupByKey(Stage[Sample]):
         if at + 1 >= count:
             return None
         name, data, offset, _ = batch[at]
-        parts = split_key(name)
+        ahead_name, parts = self._ahead  # split_key of the member that ended the last sample
+        if name != ahead_name:
+            parts = split_key(name)
         if parts is None:
             return None
         key, field = parts
@@ -247,10 +250,12 @@ class GroupByKey(Stage[Sample]):
         end = at + 1
         while end < count:
             name, data, offset, _ = batch[end]
-            if not name.startswith(prefix):
-                break
             field = name[start:]
-            if "/" in field:
+            if not name.startswith(prefix) or "/" in field:  # not of this sample: the next one's, or no field
+                parts = split_key(name)
+                if parts is None:
+                    return None  # _group skips it, and the sample may go on after it
+                self._ahead = (name, parts)
                 break
             field = field.lower()
             if field in sample:

@@ -35,7 +35,9 @@ class TarMember(NamedTuple):
 class Untar(Stage[TarMember]):
     """Yields every regular file of every stream from ``source``, in archive order.
 
-    ``bytes_out`` counts the member bytes returned since the last ``reset`` (for ``Pipe.stats()``).
+    ``bytes_out`` counts the member bytes returned since the last ``reset`` (for ``Pipe.stats()``);
+    ``GroupByKey`` takes members a batch at a time, so both counters run up to a batch (32 members)
+    ahead of the samples it has returned.
     ``shutdown()`` closes the open shard stream (also done at the end of each shard).
 
     State: ``{"source": <source state before the current shard>, "offset": <next

@@ -119,3 +119,18 @@ def test_samples_wider_than_a_batch_and_lookalike_names_group_by_the_key_rule() 
     assert list(node) == expected
     assert [len(sample) for sample in expected[:2]] == [47, 4]  # 45 fields and 2, each with __key__ and __url__
     assert_resumes(lambda: s3pipes.webdataset(f"{WIDE}/").map(lambda s: (s["__key__"], sorted(s))))
+
+
+def test_a_member_naming_no_field_inside_a_sample_is_skipped_on_the_batched_path() -> None:
+    """As webdataset does: ``a.jpg, README, a.cls`` is one sample, and resumes as one."""
+    store, buffer = Store(), io.BytesIO()
+    names = ["z.jpg", "a.jpg", "README", "a.cls", "b.jpg", "dir/", "b.cls", "c.jpg"]
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    store.write_bytes(f"{WIDE}-nofield/shard.tar", buffer.getvalue())
+    pipe = s3pipes.webdataset(f"{WIDE}-nofield/").map(lambda s: (s["__key__"], fields(s)))
+    assert list(pipe) == [("z", ["jpg"]), ("a", ["cls", "jpg"]), ("b", ["cls", "jpg"]), ("c", ["jpg"])]
+    assert_resumes(lambda: s3pipes.webdataset(f"{WIDE}-nofield/").map(lambda s: (s["__key__"], fields(s))))

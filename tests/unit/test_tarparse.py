@@ -339,12 +339,18 @@ def test_pax_headers_of_the_same_bytes_still_have_their_records_read(tmp_path: P
     assert [member.name for member in got] == ["k0.txt", "renamed.txt", "k2.txt"]
 
 
-def test_a_batch_stops_once_its_data_reaches_max_bytes() -> None:
+def test_a_batch_holds_at_most_max_bytes_of_data_or_one_larger_member() -> None:
     reader = TarReader(io.BytesIO(webdataset_tar()).read, chunk=1 << 20)
     assert reader.next() is not None  # a batch parses what was read: the buffer now holds the rest
     for max_bytes in (1, 2000, 5000):
-        sizes = [len(member.data) for member in reader.next_batch(max_bytes=max_bytes)]
-        assert sum(sizes[:-1]) < max_bytes <= sum(sizes)
+        taken = sum(len(member.data) for member in reader.next_batch(max_bytes=max_bytes))
+        following = reader.next_batch(limit=1)[0]  # the member that did not fit
+        assert taken <= max_bytes < taken + len(following.data)
+    big = max(members(webdataset_tar()), key=lambda member: len(member.data))
+    reader = TarReader(io.BytesIO(webdataset_tar()).read, chunk=1 << 20)
+    while reader.offset < big.offset:
+        reader.next()
+    assert reader.next_batch(max_bytes=1) == [big]  # alone, whatever its size
 
 
 def test_a_batch_ends_before_a_corrupt_header_and_next_raises_there() -> None:
