@@ -113,13 +113,8 @@ class Untar(Stage[TarMember]):
         later asks ``state_at`` the first one's offset for its state. Errors and the end of a
         shard come as from ``next_member``. The caller must have ``reset()`` this stage.
         """
-        if self._failed is not None:
-            raise self._failed
-        if self._reader is None:
-            self._open_next()
-        assert self._reader is not None and self._stream is not None
-        url = self._stream.url
-        members = self._reader.next_batch()
+        reader, url = self._current()
+        members = reader.next_batch()
         if not members:  # what needs the reader's general path (or the end of the shard): one member
             member = self.next_member()
             if member is None:
@@ -132,22 +127,25 @@ class Untar(Stage[TarMember]):
         self.bytes_out += sum([len(member.data) for member in members])
         return url, members
 
-    def next_member(self) -> tuple[str, str, bytes, int] | None:
-        """``next()``'s member as a plain tuple ``(url, name, data, offset)``, or None where a shard ends.
-
-        ``GroupByKey``'s hot path: building the ``TarMember`` NamedTuple costs ~0.8 us, as does
-        ``BaseNode.__next__``'s check around ``next()``, together ~5% of a raw streaming pass at two
-        members a sample. The None ends the shard's last sample without opening the next shard
-        (whose first block, or error, may take a while). The caller must have ``reset()`` this stage.
-        """
+    def _current(self) -> tuple[TarReader, str]:
+        """The reader of the shard being read (opening the next one if none is) and its URL."""
         if self._failed is not None:
             raise self._failed
         if self._reader is None:
             self._open_next()
         assert self._reader is not None and self._stream is not None
-        url = self._stream.url
+        return self._reader, self._stream.url
+
+    def next_member(self) -> tuple[str, str, bytes, int] | None:
+        """``next()``'s member as a plain tuple ``(url, name, data, offset)``, or None where a shard ends.
+
+        What ``next_batch`` falls back on, one member at a time through the reader's general path.
+        The None ends the shard's last sample without opening the next shard (whose first block,
+        or error, may take a while). The caller must have ``reset()`` this stage.
+        """
+        reader, url = self._current()
         try:
-            member = self._reader.next()
+            member = reader.next()
         except TarFormatError as exc:
             self._close()
             error = CorruptShard(url, f"unreadable tar data: {exc}", member=exc.member, offset=exc.offset)
