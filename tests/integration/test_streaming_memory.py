@@ -9,7 +9,8 @@ The bound on the growth of peak RSS across the stream, from the design:
 - the object stream (``ObjectStream``): ranged GETs of ``DEFAULT_BLOCK_SIZE`` (8 MiB), the
   block being read plus ``DEFAULT_AHEAD`` (4) being fetched ahead: 5 blocks (``OpenObject``
   opens the next shard's stream ahead too, but its blocks come only within that window of 4);
-- the largest sample (4 MiB): ``Untar`` keeps one member in memory at a time;
+- the largest sample (4 MiB): ``Untar`` hands ``GroupByKey`` a batch of at most 1 MiB of
+  members, or one larger member (here each batch is one 4 MiB member);
 - a fixed 64 MiB of slack for the allocator, the HTTP client's buffers, the tar reader's
   read chunk and the copies made while a member is joined from it.
 
