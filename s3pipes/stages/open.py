@@ -115,6 +115,7 @@ class ObjectStream:
         self._getter = getter
         if getter is not None:
             self._bucket, _, self._key = store.resolve(url)[1].partition("/")
+            self._object_url = getter.object_url(self._bucket, self._key)  # what blocks.submit GETs
 
     @property
     def block_size(self) -> int:
@@ -131,8 +132,7 @@ class ObjectStream:
                 buffer = anonymous_buffer(self._block_size)
             into = memoryview(buffer)[: end - start]
             if self._getter.blocks is not None:  # plain http: on a thread, off the event loop
-                url = self._getter.object_url(self._bucket, self._key)
-                return cast("Future[Block]", self._getter.blocks.submit(url, start, end, into))
+                return cast("Future[Block]", self._getter.blocks.submit(self._object_url, start, end, into))
             receive = self._receive(into, start, end)
             return asyncio.run_coroutine_threadsafe(receive, fsspec.asyn.get_loop())
         if self._pool is None:
