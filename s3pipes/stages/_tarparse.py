@@ -34,6 +34,7 @@ _FIRST_HALF = struct.Struct("100s24x12s12x8sc99x")  # name, size, checksum, type
 # The pax records a batch leaves to next(): searched where they lie, which cost ~4k
 # instructions a pax header less than a copy and two `in` tests (perf stat).
 _PATH_OR_SIZE = re.compile(rb"(?:path|size)=")
+_PAX_SEEN = 16  # pax headers next_batch remembers a reader (a webdataset shard holds ~4 distinct ones)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
@@ -156,7 +157,9 @@ class TarReader:
     def __init__(self, read: Callable[[int], Chunk], start: int = 0, *, chunk: int = 4 << 20) -> None:
         self._source_read, self._chunk = read, chunk
         self._failed: BaseException | None = None  # what a read raised: every later next() raises it
-        self._pax_memo = (b"", b"", 0)  # next_batch's last pax header (its two halves, checked) and its size
+        # next_batch's pax headers, checked: first half -> (second half, size). Webdataset writes a few
+        # distinct ones (their size field follows the length of an mtime record), at most _PAX_SEEN kept.
+        self._pax_seen: dict[bytes, tuple[bytes, int]] = {}
         self._buffer: Chunk = b""
         self._position = 0  # in _buffer
         self._base = start  # absolute offset of _buffer[0]
@@ -229,13 +232,14 @@ class TarReader:
         members: list[Member] = []
         first = at  # where the member's first header (its pax header, if any) starts
         taken = 0
-        pax_first, pax_second, pax_size = self._pax_memo
+        pax_seen = self._pax_seen
         while at + BLOCK <= end and len(members) < limit:
             first_half, second_half = _HALVES.unpack_from(view, at)
-            if first_half == pax_first and second_half == pax_second:
-                # The bytes of the last pax header taken, checked then: webdataset's TarWriter writes
-                # them all alike. Its fields and checksum again cost ~6k instructions (perf stat).
-                size, kind = pax_size, _PAX
+            seen = pax_seen.get(first_half) if first_half[156] == 120 else None  # typeflag "x"
+            if seen is not None and seen[0] == second_half:
+                # The bytes of a pax header taken and checked before: webdataset's TarWriter writes
+                # them nearly all alike. Its fields and checksum again cost ~6k instructions (perf stat).
+                size, kind = seen[1], _PAX
             else:
                 raw_name, raw_size, raw_sum, kind = _FIRST_HALF.unpack(first_half)
                 if not raw_name[0]:
@@ -249,8 +253,8 @@ class TarReader:
                     (adler32(first_half) & 0xFFFF) + (adler32(second_half) & 0xFFFF) - (adler32(raw_sum) & 0xFFFF) + 255
                 ):
                     break
-                if kind == _PAX:
-                    pax_first, pax_second, pax_size = first_half, second_half, size
+                if kind == _PAX and len(pax_seen) < _PAX_SEEN:
+                    pax_seen[first_half] = (second_half, size)
             data_at = at + BLOCK
             at = data_at + size + (-size % BLOCK)
             if at > end:
@@ -272,7 +276,6 @@ class TarReader:
             first = at
         self._position = first
         self.offset = base + first
-        self._pax_memo = (pax_first, pax_second, pax_size)
         return members
 
     def next(self) -> Member | None:
