@@ -34,7 +34,7 @@ _FIRST_HALF = struct.Struct("100s24x12s12x8sc99x")  # name, size, checksum, type
 # The pax records a batch leaves to next(): searched where they lie, which cost ~4k
 # instructions a pax header less than a copy and two `in` tests (perf stat).
 _PATH_OR_SIZE = re.compile(rb"(?:path|size)=")
-_PAX_SEEN = 16  # pax headers next_batch remembers a reader (a webdataset shard holds ~4 distinct ones)
+_PAX_SEEN = 16  # pax headers a reader's next_batch remembers (a webdataset shard holds ~4 distinct ones)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _PAX, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK = b"x", b"g", b"L", b"K"
 
