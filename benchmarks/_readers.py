@@ -9,6 +9,7 @@ is one timed pass, so the first pass includes the client's first connections.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "S3PIPES_DECODE_THREADS",
     "S3PIPES_RAW",
     "S3PIPES_RAW_LOADER",
+    "S3PIPES_RAW_LOADER_BATCHED",
     "S3TORCH_RAW",
     "WEBDATASET_DECODE",
     "WEBDATASET_RAW",
@@ -151,15 +153,22 @@ def _ceiling(threads: int) -> Setup:
 # -- 2, 3. s3pipes ----------------------------------------------------------------------------
 
 
-def _s3pipes(decode: bool, *, threads: int = 0, loader_workers: int = 0) -> Setup:
-    """s3pipes in this process (decoding on ``threads`` threads), or through a DataLoader's workers."""
+def _s3pipes(decode: bool, *, threads: int = 0, loader_workers: int = 0, batch: int = 0) -> Setup:
+    """s3pipes in this process (decoding on ``threads`` threads), or through a DataLoader's workers
+    (with ``batch``: lists of that many samples, made in the workers, one message to the main process each)."""
 
     def setup(stack: contextlib.ExitStack, server: LocalS3Server, dataset: Dataset) -> Run:
         store = s3pipes.Store(server.storage_options)
         pipe = s3pipes.webdataset(dataset.prefix, store=store)
-        samples: Iterable[Any] = pipe.decode("pil", workers=threads) if decode else pipe
+        if decode:
+            pipe = pipe.decode("pil", workers=threads)
+        if batch:
+            pipe = pipe.batch(batch, collate=None)
+        samples: Iterable[Any] = pipe
         if loader_workers:
             samples = DataLoader(samples, batch_size=None, num_workers=loader_workers, multiprocessing_context="fork")
+        if batch:
+            return lambda: tally(itertools.chain.from_iterable(samples))
         return lambda: tally(samples)
 
     return setup
@@ -247,6 +256,7 @@ S3PIPES_RAW = "s3pipes raw"
 S3PIPES_DECODE = 's3pipes decode("pil")'
 S3PIPES_DECODE_THREADS = 's3pipes decode("pil", workers=2)'
 S3PIPES_RAW_LOADER = "s3pipes raw, DataLoader 2 workers"
+S3PIPES_RAW_LOADER_BATCHED = "s3pipes raw, batch(64), DataLoader 2 workers"
 WEBDATASET_RAW = "webdataset + s3fs raw"
 WEBDATASET_DECODE = 'webdataset + s3fs decode("pil")'
 S3TORCH_RAW = "s3torchconnector + tarfile raw"
@@ -260,6 +270,7 @@ def readers(threads: int) -> list[Reader]:
         Reader(S3PIPES_DECODE, _s3pipes(decode=True), decodes=True),
         Reader(S3PIPES_DECODE_THREADS, _s3pipes(decode=True, threads=2), decodes=True),
         Reader(S3PIPES_RAW_LOADER, _s3pipes(decode=False, loader_workers=2)),
+        Reader(S3PIPES_RAW_LOADER_BATCHED, _s3pipes(decode=False, loader_workers=2, batch=64)),
         Reader(WEBDATASET_RAW, _webdataset(decode=False)),
         Reader(WEBDATASET_DECODE, _webdataset(decode=True), decodes=True),
         Reader(S3TORCH_RAW, _s3torchconnector, optional=True),

@@ -16,6 +16,7 @@ from benchmarks._readers import (
     S3PIPES_DECODE_THREADS,
     S3PIPES_RAW,
     S3PIPES_RAW_LOADER,
+    S3PIPES_RAW_LOADER_BATCHED,
     S3TORCH_RAW,
     WEBDATASET_DECODE,
     Tally,
@@ -44,6 +45,13 @@ class Ratio:
 RATIOS = (
     Ratio("s3pipes raw MB/s / boto3 ceiling MB/s", S3PIPES_RAW, CEILING, "mb_per_s", 0.6),
     Ratio("s3pipes raw, 2 DataLoader workers / boto3 ceiling MB/s", S3PIPES_RAW_LOADER, CEILING, "mb_per_s", 0.6),
+    Ratio(
+        "s3pipes raw, batch(64), 2 DataLoader workers / boto3 ceiling MB/s",
+        S3PIPES_RAW_LOADER_BATCHED,
+        CEILING,
+        "mb_per_s",
+        0.6,
+    ),
     Ratio("s3pipes raw / s3torchconnector samples/s", S3PIPES_RAW, S3TORCH_RAW, "samples_per_s", 1.5),
     Ratio('s3pipes decode / webdataset decode("pil") samples/s', S3PIPES_DECODE, WEBDATASET_DECODE, "samples_per_s", 2),
     Ratio(

@@ -12,8 +12,9 @@ written with webdataset's TarWriter through :class:`s3pipes.Store`), and every
 reader then reads the SAME shards, one after the other, in this one process:
 
 1. ceiling: botocore ``get_object`` of whole shards on a thread pool, no parsing;
-2. ``s3pipes.webdataset(prefix)``: raw samples (fields stay ``bytes``);
-3. the same with ``.decode("pil")`` (every image loaded);
+2. ``s3pipes.webdataset(prefix)``: raw samples (fields stay ``bytes``), in this process, then
+   through a DataLoader with 2 workers, sample by sample and in lists of 64 made in the workers;
+3. the same with ``.decode("pil")`` (every image loaded), on this thread and on 2 threads;
 4. ``webdataset.WebDataset`` with ``s3://`` opened by s3fs (registered in webdataset's
    ``gopen_schemes`` table, its extension point for URL schemes), raw and ``.decode("pil")``;
 5. ``s3torchconnector.S3IterableDataset`` objects parsed with ``tarfile`` (``r|``) and
