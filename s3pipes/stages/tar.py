@@ -100,9 +100,10 @@ class Untar(Stage[TarMember]):
 
     def next(self) -> TarMember:
         while True:
-            member = self.next_member()
-            if member is not None:
-                return TarMember(*member)
+            taken = self.next_member()
+            if taken is not None:
+                url, member = taken
+                return TarMember(url, member.name, member.data, member.offset)
 
     def next_batch(self) -> tuple[str, list[Member]] | None:
         """The shard's URL and its next members, as many as the reader parses in one go; None where a shard ends.
@@ -116,12 +117,8 @@ class Untar(Stage[TarMember]):
         reader, url = self._current()
         members = reader.next_batch()
         if not members:  # what needs the reader's general path (or the end of the shard): one member
-            member = self.next_member()
-            if member is None:
-                return None
-            _, name, data, offset = member
-            assert self._offset is not None
-            return url, [Member(name, data, offset, self._offset)]
+            taken = self.next_member()
+            return None if taken is None else (url, [taken[1]])
         self._offset = members[-1].next_offset
         self.items_out += len(members)
         self.bytes_out += sum([len(member.data) for member in members])
@@ -136,8 +133,8 @@ class Untar(Stage[TarMember]):
         assert self._reader is not None and self._stream is not None
         return self._reader, self._stream.url
 
-    def next_member(self) -> tuple[str, str, bytes, int] | None:
-        """``next()``'s member as a plain tuple ``(url, name, data, offset)``, or None where a shard ends.
+    def next_member(self) -> tuple[str, Member] | None:
+        """``next()``'s member as the shard's URL and the reader's ``Member``, or None where a shard ends.
 
         What ``next_batch`` falls back on, one member at a time through the reader's general path.
         The None ends the shard's last sample without opening the next shard (whose first block,
@@ -158,10 +155,10 @@ class Untar(Stage[TarMember]):
             self._close()
             self._offset = None
             return None
-        name, data, offset, self._offset = member
+        self._offset = member.next_offset
         self.items_out += 1
-        self.bytes_out += len(data)
-        return url, name, data, offset
+        self.bytes_out += len(member.data)
+        return url, member
 
     def shutdown(self) -> None:
         """Close the shard stream being read, if any. Idempotent. ``reset()`` before iterating again."""
