@@ -19,6 +19,9 @@ connect), ``ConnectionTimeoutError``, ``ServerDisconnectedError``, ``ClientPaylo
 ``ServerTimeoutError`` (no byte for the read timeout: not retried), botocore's
 ``ClientError`` for an S3 error reply.
 
+A stream read in order gets its blocks from one GET (:class:`Span`), received buffer by
+buffer on these threads, one buffer at a time.
+
 A block being received when its stream is closed cannot be interrupted: it is received to
 its end (its buffer is not reused meanwhile; see ``ObjectStream._drop``), at most the
 stream's blocks ahead.
@@ -27,6 +30,7 @@ stream's blocks ahead.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import random
 import socket
@@ -44,7 +48,7 @@ import aiohttp
 from s3pipes._http import ATTEMPTS, HEAD_LIMIT, RETRY_STATUS, parse_head, resume_headers
 from s3pipes._sigv4 import Signer, host_header
 
-__all__ = ["BlockGetter"]
+__all__ = ["BlockGetter", "Span"]
 
 _THREADS = 16  # blocks received at once, over every stream of the process (each stream asks for a few)
 _ERROR_BODY_LIMIT = 1 << 20  # an error reply's body is read up to this (S3's are a few hundred bytes)
@@ -219,47 +223,39 @@ class BlockGetter:
 
     def submit(self, url: str, start: int, end: int, into: memoryview) -> Future[memoryview]:
         """Receive the bytes ``[start, end)`` of object ``url`` (on this endpoint) into ``into``, on a thread."""
+        return self._pool().submit(self.receive, url, start, end, into)
+
+    def _pool(self) -> ThreadPoolExecutor:
         self._own()
         with self._lock:
             if self._held.pool is None:
                 self._held.pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="s3pipes-block")
-            return self._held.pool.submit(self.receive, url, start, end, into)
+            return self._held.pool
 
     def receive(self, url: str, start: int, end: int, into: memoryview) -> memoryview:
         """:meth:`submit`'s work, on the calling thread."""
         if len(into) != end - start:
             raise ValueError(f"a buffer of {len(into)} bytes for the {end - start} bytes [{start}, {end})")
-        progress = _Progress(url, start, into)
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                status, body = self._attempt(progress)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                if isinstance(exc, asyncio.TimeoutError):  # a stall is not retried: the timeout bounds the wait
-                    raise
-                if attempt == ATTEMPTS:
-                    exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
-                    raise
-            else:
-                if status in (200, 206):
-                    return into
-                if status not in RETRY_STATUS or attempt == ATTEMPTS:
-                    error = self._error(status, body)
-                    error.s3pipes_attempts = attempt  # type: ignore[attr-defined]  # read by errors.translate
-                    raise error
-            time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter, capped
-        raise AssertionError("unreachable")
+        span = Span(self, url, start, end)
+        span.receive(into)
+        return into
 
-    def _attempt(self, progress: _Progress) -> tuple[int, bytes]:
-        """One request for the bytes ``progress`` still lacks: its status, and an error reply's body."""
-        signed = self._signer.sign("GET", progress.url, progress.headers())
-        lines = [f"GET {progress.target} HTTP/1.1", f"Host: {self._host_header}"]
+    def span(self, url: str, start: int, end: int) -> Span:
+        """The bytes ``[start, end)`` of object ``url`` as one GET, received in order into the buffers
+        given to :meth:`Span.submit`."""
+        return Span(self, url, start, end)
+
+    def _request(self, url: str, headers: dict[str, str]) -> tuple[_Connection, int, dict[str, str]]:
+        """Send a signed GET of ``url``; the connection it went on, the reply's status and headers."""
+        signed = self._signer.sign("GET", url, headers)
+        lines = [f"GET {urlsplit(url).path} HTTP/1.1", f"Host: {self._host_header}"]
         lines += [f"{name}: {value}" for name, value in signed.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         while True:
             connection = self._connection()
             try:
-                status, headers = connection.request(head)
-                break
+                status, reply_headers = connection.request(head)
+                return connection, status, reply_headers
             except aiohttp.ServerDisconnectedError:
                 connection.close()
                 if not connection.reused:
@@ -268,17 +264,6 @@ class BlockGetter:
             except BaseException:
                 connection.close()
                 raise
-        try:
-            if status in (200, 206):
-                progress.receive(connection, status, headers)
-                body = b""
-            else:
-                body = connection.read_body(headers)
-        except BaseException:
-            connection.close()
-            raise
-        self._release(connection)
-        return status, body
 
     def _connection(self) -> _Connection:
         self._own()
@@ -302,36 +287,170 @@ class BlockGetter:
         connection.close()
 
 
-class _Progress:
-    """One range's bytes received across attempts: a retry asks only for the rest, on the same
-    version (:func:`~s3pipes._http.resume_headers`)."""
+class _ErrorReply(Exception):
+    """A reply other than 2xx, with its body (raised as the getter's error once no retry is left)."""
 
-    def __init__(self, url: str, start: int, into: memoryview) -> None:
-        self.url, self.target = url, urlsplit(url).path
-        self._start, self._into = start, into
-        self._received = 0
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+class Span:
+    """The bytes ``[start, end)`` of one object, received in order over one GET, into buffer after buffer.
+
+    Why one GET for many blocks: a GET costs the server CPU besides its bytes (SeaweedFS, serving
+    benchmarks/streaming.py's data to 4 boto3 threads: 0.55-0.57 s of CPU in 8 MiB ranges, 0.44-0.47 s
+    in whole objects, ~1.4 ms a GET), and a stream read in order needs no more than one. The body is
+    received as buffers are given: while none is, the reply waits in the socket and the server's
+    send blocks (TCP's window), so the memory is the buffers given.
+
+    A drop, a body cut short or a 5xx is retried as :meth:`BlockGetter.receive` does, asking only
+    for the bytes still missing, ``If-Match`` on the first reply's ETag (a changed object is an
+    error, never two versions spliced); each buffer gets ``ATTEMPTS`` attempts. After an error the
+    span is spent: every buffer given later fails with the same error.
+    """
+
+    def __init__(self, getter: BlockGetter, url: str, start: int, end: int) -> None:
+        self.url, self._getter = url, getter
+        self._start, self._end = start, end
+        self.next_at = start  # where the next buffer given to submit() starts
+        self._at = start  # the next byte to receive
         self._etag: str | None = None
+        self._connection: _Connection | None = None  # its reply's body, unread from _at
+        self._lock = threading.Lock()
+        self._queue: collections.deque[tuple[Future[memoryview], memoryview]] = collections.deque()
+        self._running = False  # a thread is receiving (it takes the queue in order)
+        self._closed = False
+        self._failed: BaseException | None = None
 
-    def headers(self) -> dict[str, str]:
-        etag = self._etag if self._received else None
-        return resume_headers(self._start + self._received, self._start + len(self._into), etag)
+    def submit(self, into: memoryview) -> Future[memoryview]:
+        """Receive the span's next ``len(into)`` bytes into ``into``: on the getter's threads, after the buffers
+        given before."""
+        if self.next_at + len(into) > self._end:
+            raise ValueError(f"{len(into)} bytes at {self.next_at} reach past the span's end {self._end}")
+        self.next_at += len(into)
+        future: Future[memoryview] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"a closed span of {self.url}")
+            self._queue.append((future, into))
+            if self._running:
+                return future
+            self._running = True
+        self._getter._pool().submit(self._run)
+        return future
 
-    def receive(self, connection: _Connection, status: int, headers: dict[str, str]) -> None:
-        wanted = len(self._into) - self._received
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or self._closed:
+                    self._running = False
+                    if self._closed:
+                        self._drop_connection()
+                    return
+                future, into = self._queue.popleft()
+            if not future.set_running_or_notify_cancel():  # cancelled: its bytes will not be received
+                self._fail(RuntimeError(f"a block of the span of {self.url} was cancelled"))
+                continue
+            if self._failed is not None:
+                future.set_exception(self._failed)
+                continue
+            try:
+                self.receive(into)
+            except BaseException as exc:
+                self._fail(exc)
+                future.set_exception(exc)
+            else:
+                future.set_result(into)
+
+    def _fail(self, error: BaseException) -> None:
+        self._failed = error
+        self._drop_connection()
+
+    def close(self) -> None:
+        """Stop: buffers not being received are cancelled; the connection is closed after the one
+        being received, if any (a receive is not interrupted). Idempotent."""
+        with self._lock:
+            self._closed = True
+            for future, _ in self._queue:
+                future.cancel()
+            self._queue.clear()
+            if not self._running:
+                self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            self._connection.close()  # its body is not all read: it cannot carry another request
+            self._connection = None
+
+    def receive(self, into: memoryview) -> None:
+        """Receive the span's next ``len(into)`` bytes into ``into`` on the calling thread (``submit``'s work)."""
+        first = self._at
+        failure: Exception | None = None
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                self._fill(into, self._at - first)
+                return
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+                self._drop_connection()
+                if isinstance(exc, asyncio.TimeoutError):  # a stall is not retried: the timeout bounds the wait
+                    raise
+                if attempt == ATTEMPTS:
+                    exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
+                    raise
+            except _ErrorReply as reply:
+                if reply.status not in RETRY_STATUS or attempt == ATTEMPTS:
+                    failure = self._getter._error(reply.status, reply.body)
+                    failure.s3pipes_attempts = attempt  # type: ignore[attr-defined]  # read by errors.translate
+                    break
+            except BaseException:
+                self._drop_connection()
+                raise
+            time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter, capped
+        assert failure is not None
+        raise failure  # outside the except clause: no _ErrorReply in its context
+
+    def _fill(self, into: memoryview, got: int) -> None:
+        """Receive ``into[got:]``, requesting the rest of the span first if no reply is open."""
+        if self._connection is None:
+            self._open()
+        connection = self._connection
+        assert connection is not None
+        try:
+            received = connection.receive_into(into[got:])
+        finally:
+            self._at += connection.taken  # a retry resumes after what came, also when this failed
+        if got + received < len(into):
+            raise aiohttp.ClientPayloadError(
+                f"{self.url}: {self._at - self._start} bytes of the {self._end - self._start} asked for"
+            )
+        if self._at == self._end:  # the whole reply is read: the connection may carry another request
+            self._connection = None
+            self._getter._release(connection)
+
+    def _open(self) -> None:
+        """GET the bytes ``[_at, _end)``; raises ``_ErrorReply`` for a reply other than 2xx."""
+        wanted = self._end - self._at
+        headers = resume_headers(self._at, self._end, self._etag)
+        connection, status, reply = self._getter._request(self.url, headers)
+        if status not in (200, 206):
+            try:
+                body = connection.read_body(reply)
+            except BaseException:
+                connection.close()
+                raise
+            self._getter._release(connection)
+            raise _ErrorReply(status, body)
         if self._etag is None:
-            self._etag = headers.get("etag")
-        if headers.get("content-length") != str(wanted) or (status == 200 and self._start + self._received > 0):
+            self._etag = reply.get("etag")
+        if reply.get("content-length") != str(wanted) or (status == 200 and self._at > 0):
+            connection.close()
             if status == 200:
                 raise aiohttp.ClientPayloadError(f"{self.url}: the store ignored the Range of a ranged read")
             raise aiohttp.ClientPayloadError(
-                f"{self.url}: a reply of {headers.get('content-length')} bytes to a range of {wanted}"
+                f"{self.url}: a reply of {reply.get('content-length')} bytes to a range of {wanted}"
             )
-        try:
-            got = connection.receive_into(self._into[self._received :])
-        finally:
-            self._received += connection.taken  # a retry resumes after what came, also when this failed
-        if got < wanted:
-            raise aiohttp.ClientPayloadError(f"{self.url}: {self._received} bytes of the {len(self._into)} asked for")
+        self._connection = connection
 
 
 class _Held:

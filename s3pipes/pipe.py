@@ -136,9 +136,11 @@ class Pipe(IterableDataset[T], Generic[T]):
     def open_object(self, *, block_size: int = DEFAULT_BLOCK_SIZE, ahead: int = DEFAULT_AHEAD) -> Pipe[Any]:
         """URL -> a lazily opened stream (``.url``, ``.read()``, ``.seek()``).
 
-        Reads are ranged GETs of ``block_size`` bytes, ``ahead`` of them fetched ahead of the one
+        Reads come in blocks of ``block_size`` bytes, ``ahead`` of them fetched ahead of the one
         being read: memory is about ``(ahead + 1) * block_size`` per stream being read (a store
-        far away, with more time to a first byte, may want more ahead).
+        far away, with more time to a first byte, may want more ahead). A block is a ranged GET;
+        before ``untar``, which reads each stream whole, a plain-http endpoint sends a stream's
+        blocks in one GET.
 
         Example:
             >>> store = Store()

@@ -298,3 +298,65 @@ def test_an_idle_socket_with_an_unasked_reply_is_not_reused(serve: Serve) -> Non
         assert bytes(buffer) == PAYLOAD[start : start + 1000]
         time.sleep(0.2)
     assert server.connections == 2 and len(server.requests) == 2
+
+
+def test_a_span_fills_its_buffers_in_order_from_one_get_then_keeps_the_connection(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    span = getter.span(url(server), 1000, 61_000)
+    buffers = [bytearray(20_000) for _ in range(3)]
+    futures = [span.submit(memoryview(buffer)) for buffer in buffers]
+    assert [bytes(future.result(timeout=10)) for future in futures] == [
+        PAYLOAD[1000 + i * 20_000 : 21_000 + i * 20_000] for i in range(3)
+    ]
+    assert [r["range"] for r in server.requests] == ["bytes=1000-60999"]
+    with pytest.raises(ValueError, match="past the span's end"):
+        span.submit(memoryview(bytearray(1)))
+    getter.receive(url(server), 0, 10, memoryview(bytearray(10)))
+    assert server.connections == 1, "the span's body was read to its end: its connection was reused"
+
+
+def test_a_span_cut_short_asks_for_the_rest_of_the_span_on_the_same_version(serve: Serve) -> None:
+    def cuts_the_first(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        start, end = asked(request)
+        if len(server.requests) == 1:
+            connection.sendall(partial(start, end)[: -(end - start) + 25_000])  # the head, 1.25 buffers
+            return
+        connection.sendall(partial(start, end))
+
+    server, getter = serve(cuts_the_first)
+    span = getter.span(url(server), 1000, 61_000)
+    futures = [span.submit(memoryview(bytearray(20_000))) for _ in range(3)]
+    assert b"".join(bytes(future.result(timeout=10)) for future in futures) == PAYLOAD[1000:61_000]
+    assert [r["range"] for r in server.requests] == ["bytes=1000-60999", "bytes=26000-60999"]
+    assert server.requests[1]["if-match"] == '"e1"'
+
+
+def test_a_span_waits_for_buffers_and_a_close_cancels_the_rest_and_drops_its_connection(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    span = getter.span(url(server), 0, 100_000)
+    first = span.submit(memoryview(bytearray(10_000)))
+    assert bytes(first.result(timeout=10)) == PAYLOAD[:10_000]
+    time.sleep(0.2)  # no buffer given meanwhile: the rest of the reply waits in the socket
+    second = span.submit(memoryview(bytearray(10_000)))
+    assert bytes(second.result(timeout=10)) == PAYLOAD[10_000:20_000] and len(server.requests) == 1
+    span.close()
+    with pytest.raises(RuntimeError, match="closed span"):
+        span.submit(memoryview(bytearray(10_000)))
+    getter.receive(url(server), 0, 10, memoryview(bytearray(10)))
+    assert server.connections == 2, "a span closed mid-reply does not give its connection to another request"
+
+
+def test_after_an_error_reply_every_later_buffer_of_the_span_fails_with_it(serve: Serve) -> None:
+    def forbidden(connection: socket.socket, server: Server) -> None:
+        while server.read_request(connection) is not None:
+            body = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+            connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    server, getter = serve(forbidden)
+    span = getter.span(url(server), 0, 30_000)
+    futures = [span.submit(memoryview(bytearray(10_000))) for _ in range(3)]
+    errors = [future.exception(timeout=10) for future in futures]
+    assert all(isinstance(error, ClientError) for error in errors) and errors[0] is errors[2]
+    assert len(server.requests) == 1, "an error reply is not asked again for each buffer"
