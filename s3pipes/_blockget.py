@@ -23,8 +23,8 @@ A stream read in order gets its blocks from one GET (:class:`Span`), received bu
 buffer on these threads, one buffer at a time.
 
 A block being received when its stream is closed cannot be interrupted: it is received to
-its end (its buffer is not reused meanwhile; see ``ObjectStream._drop``), at most the
-stream's blocks ahead.
+its end (its buffer is not reused meanwhile; see ``ObjectStream._drop``): at most the
+stream's blocks ahead, or from a span one block.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from s3pipes._sigv4 import Signer, host_header
 
 __all__ = ["BlockGetter", "Span"]
 
-_THREADS = 16  # blocks received at once, over every stream of the process (each stream asks for a few)
+_THREADS = 16  # blocks received at once, over every stream of the process (a few a stream; a span takes one)
 _ERROR_BODY_LIMIT = 1 << 20  # an error reply's body is read up to this (S3's are a few hundred bytes)
 
 
@@ -316,7 +316,8 @@ class Span:
         self.next_at = start  # where the next buffer given to submit() starts
         self._at = start  # the next byte to receive
         self._etag: str | None = None
-        self._connection: _Connection | None = None  # its reply's body, unread from _at
+        self._reply = _Reply()  # the connection whose reply's body is unread from _at
+        weakref.finalize(self, self._reply.close)  # a span dropped unclosed (a stream left half read)
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[Future[memoryview], memoryview]] = collections.deque()
         self._running = False  # a thread is receiving (it takes the queue in order)
@@ -328,16 +329,22 @@ class Span:
         given before."""
         if self.next_at + len(into) > self._end:
             raise ValueError(f"{len(into)} bytes at {self.next_at} reach past the span's end {self._end}")
-        self.next_at += len(into)
         future: Future[memoryview] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"a closed span of {self.url}")
             self._queue.append((future, into))
-            if self._running:
-                return future
+            start = not self._running
             self._running = True
-        self._getter._pool().submit(self._run)
+        if start:
+            try:
+                self._getter._pool().submit(self._run)
+            except BaseException:  # no thread to run it (the interpreter is shutting down): as if never given
+                with self._lock:
+                    self._queue.pop()
+                    self._running = False
+                raise
+        self.next_at += len(into)
         return future
 
     def _run(self) -> None:
@@ -373,15 +380,14 @@ class Span:
         with self._lock:
             self._closed = True
             for future, _ in self._queue:
-                future.cancel()
+                if future.cancel():
+                    future.set_running_or_notify_cancel()  # so that wait() and as_completed() count it done
             self._queue.clear()
             if not self._running:
                 self._drop_connection()
 
     def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()  # its body is not all read: it cannot carry another request
-            self._connection = None
+        self._reply.close()
 
     def receive(self, into: memoryview) -> None:
         """Receive the span's next ``len(into)`` bytes into ``into`` on the calling thread (``submit``'s work)."""
@@ -393,13 +399,13 @@ class Span:
                 return
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 self._drop_connection()
-                if isinstance(exc, asyncio.TimeoutError):  # a stall is not retried: the timeout bounds the wait
+                if isinstance(exc, asyncio.TimeoutError) or self._closed:  # a stall, or nobody waits: not retried
                     raise
                 if attempt == ATTEMPTS:
                     exc.s3pipes_attempts = attempt  # type: ignore[union-attr]  # read by errors.translate
                     raise
             except _ErrorReply as reply:
-                if reply.status not in RETRY_STATUS or attempt == ATTEMPTS:
+                if reply.status not in RETRY_STATUS or attempt == ATTEMPTS or self._closed:
                     failure = self._getter._error(reply.status, reply.body)
                     failure.s3pipes_attempts = attempt  # type: ignore[attr-defined]  # read by errors.translate
                     break
@@ -412,9 +418,9 @@ class Span:
 
     def _fill(self, into: memoryview, got: int) -> None:
         """Receive ``into[got:]``, requesting the rest of the span first if no reply is open."""
-        if self._connection is None:
+        if self._reply.connection is None:
             self._open()
-        connection = self._connection
+        connection = self._reply.connection
         assert connection is not None
         try:
             received = connection.receive_into(into[got:])
@@ -425,13 +431,13 @@ class Span:
                 f"{self.url}: {self._at - self._start} bytes of the {self._end - self._start} asked for"
             )
         if self._at == self._end:  # the whole reply is read: the connection may carry another request
-            self._connection = None
+            self._reply.connection = None
             self._getter._release(connection)
 
     def _open(self) -> None:
         """GET the bytes ``[_at, _end)``; raises ``_ErrorReply`` for a reply other than 2xx."""
         wanted = self._end - self._at
-        headers = resume_headers(self._at, self._end, self._etag)
+        headers = resume_headers(self._at, self._end, self._etag if self._at > self._start else None)
         connection, status, reply = self._getter._request(self.url, headers)
         if status not in (200, 206):
             try:
@@ -450,7 +456,19 @@ class Span:
             raise aiohttp.ClientPayloadError(
                 f"{self.url}: a reply of {reply.get('content-length')} bytes to a range of {wanted}"
             )
-        self._connection = connection
+        self._reply.connection = connection
+
+
+class _Reply:
+    """A span's connection with a reply being read, apart from the span so that its finalizer can close it."""
+
+    def __init__(self) -> None:
+        self.connection: _Connection | None = None
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()  # its body is not all read: it cannot carry another request
+            self.connection = None
 
 
 class _Held:

@@ -64,7 +64,7 @@ from s3pipes.store import Store
 __all__ = ["DEFAULT_AHEAD", "DEFAULT_BLOCK_SIZE", "Block", "ObjectStream", "OpenObject"]
 
 DEFAULT_BLOCK_SIZE = 8 << 20
-"""Bytes per ranged GET while streaming."""
+"""Bytes per block while streaming (a ranged GET each, or received one after the other from one GET)."""
 
 DEFAULT_AHEAD = 4
 """Blocks fetched ahead of the one being read: a stream holds at most this many plus one.
@@ -134,7 +134,7 @@ class ObjectStream:
 
     @property
     def block_size(self) -> int:
-        """Bytes per ranged GET; a ``read`` of this size at a block boundary returns the whole block."""
+        """Bytes per block; a ``read`` of this size at a block boundary returns the whole block."""
         return self._block_size
 
     def _fetch(self, start: int) -> Future[Block]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import socket
@@ -360,3 +361,39 @@ def test_after_an_error_reply_every_later_buffer_of_the_span_fails_with_it(serve
     errors = [future.exception(timeout=10) for future in futures]
     assert all(isinstance(error, ClientError) for error in errors) and errors[0] is errors[2]
     assert len(server.requests) == 1, "an error reply is not asked again for each buffer"
+
+
+def test_a_span_dropped_unclosed_closes_its_connection(serve: Serve) -> None:
+    closed = threading.Event()
+
+    def notes_the_close(connection: socket.socket, server: Server) -> None:
+        request = server.read_request(connection)
+        assert request is not None
+        connection.sendall(partial(*asked(request)))
+        try:
+            if server.read_request(connection) is None:
+                closed.set()
+        except ConnectionResetError:  # closed with bytes unread: a reset
+            closed.set()
+
+    server, getter = serve(notes_the_close)
+    span = getter.span(url(server), 0, 100_000)
+    span.submit(memoryview(bytearray(10_000))).result(timeout=10)
+    del span  # a stream left half read: its reply's body is still in the socket
+    deadline = time.monotonic() + 5
+    while not closed.wait(0.05) and time.monotonic() < deadline:
+        gc.collect()  # the pool's thread lets go of the span once it finds nothing more to receive
+    assert closed.is_set(), "the dropped span's connection was not closed"
+
+
+def test_a_span_whose_buffer_found_no_thread_is_not_left_waiting(serve: Serve) -> None:
+    server, getter = serve(ranges)
+    span = getter.span(url(server), 0, 20_000)
+    span.submit(memoryview(bytearray(10_000))).result(timeout=10)
+    getter._pool().shutdown()  # as at interpreter exit: no new work is taken
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="shutdown"):
+            span.submit(memoryview(bytearray(10_000)))
+    assert span.next_at == 10_000, "a buffer not taken does not count as given"
+    span.close()  # not "running": the half-read reply's connection is closed now
+    assert span._reply.connection is None
