@@ -225,10 +225,11 @@ class Report:
             f"{d.object_bytes / MB:.1f} MB stored ({d.object_bytes / len(d.urls) / MB:.1f} MB/shard; "
             f"fields {d.payload_bytes / MB:.1f} MB): {s['image']} JPEG + cls",
             "- server: one embedded SeaweedFS (LocalS3Server) on 127.0.0.1, same data for every row",
-            f"- method: one untimed GET of every shard first (warms the server); then each reader, set up once, "
-            f"reads all shards {s['repeats']} times in this one process (ceiling: {s['threads']} threads). "
-            "samples/s and MB/s are of the best pass; 'first' is the first pass, with the client's first "
-            "connections. MB/s = stored shard bytes / s (1 MB = 10^6 B); the ceiling's samples/s is the "
+            "- method: one untimed GET of every shard first (warms the server); then each reader, set up once, "
+            f"reads all shards {s['repeats']} times in this one process (ceiling: {s['threads']} threads; it and "
+            "s3pipes raw take their passes in turns, as do the decode rows). samples/s and MB/s are of the best "
+            "pass; 'first' is the first pass, with the client's first connections. MB/s = stored shard bytes / s "
+            "(1 MB = 10^6 B); the "
             "shards' sample count over its time.",
         ]
 
