@@ -26,8 +26,8 @@ page cache). Each reader is set up once (untimed) and then reads all shards
 whose ratios are targets take their passes in turns (ceiling, raw, ceiling, raw; and the
 three decode rows): this VM's speed drifts within minutes (the same code measured 0.52x
 and 0.83x the ceiling in two runs four minutes apart, each reader's passes back to back),
-and in turns they sample the same moments. Every pass is checked to see every sample (and, raw, every field
-byte) that was written.
+and in turns they sample the same moments. Every pass is checked to see every sample
+(and, raw, every field byte) that was written.
 MB/s counts stored shard bytes, so all rows compare with the ceiling directly.
 
 Timing numbers are noisy on a shared machine; nothing here asserts a speed.
@@ -64,7 +64,8 @@ from s3pipes.server import LocalS3Server
 __all__ = ["Config", "main"]
 
 IN_TURNS = ((CEILING, S3PIPES_RAW), (S3PIPES_DECODE, S3PIPES_DECODE_THREADS, WEBDATASET_DECODE))
-"""Readers timed in turns, a pass of each then again: those whose ratios are the issue's targets."""
+"""Readers timed in turns, a pass of each then again: those whose ratios are the issue's targets
+(none optional: a failure in a group ends the run)."""
 
 BUCKET = "bench"
 PREFIX = f"s3://{BUCKET}/shards/"
