@@ -130,7 +130,7 @@ class ObjectStream:
         self._getter = getter
         if getter is not None:
             self._bucket, _, self._key = store.resolve(url)[1].partition("/")
-            self._object_url = getter.object_url(self._bucket, self._key)  # what blocks.submit GETs
+            self._object_url = getter.object_url(self._bucket, self._key)  # what blocks and spans GET
 
     @property
     def block_size(self) -> int:
