@@ -5,7 +5,8 @@ Run by :mod:`benchmarks.checkpoint`, never by hand::
     python -m benchmarks._ckpt_child <client> <save|load> <s3 url> <MiB>
 
 The endpoint and keys come from the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``). Prints one JSON line: seconds, bytes (of the tensors in the state), rss_over_baseline.
+``AWS_SECRET_ACCESS_KEY``). Prints one JSON line: seconds, bytes (of the tensors in the state),
+rss_over_baseline, cpu_seconds (this process, all threads, during the operation).
 
 Peak RSS: after the imports and the set-up (for a save: the state dict, built in memory), the
 kernel's high-water mark is reset (``5`` to ``/proc/self/clear_refs``); ``VmHWM`` after the
@@ -154,9 +155,9 @@ def main(client: str, op: str, url: str, mib: int) -> None:
         state = buffer.getbuffer()
     baseline = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     loaded = run(state)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     peak = _status("VmHWM")
     if op == "load":
         if isinstance(loaded, bytearray):
@@ -168,7 +169,7 @@ def main(client: str, op: str, url: str, mib: int) -> None:
         if not ok:
             raise SystemExit(f"{client} loaded something else than what was saved to {url}")
     size = mib << 20
-    print(json.dumps({"seconds": seconds, "bytes": size, "rss_over_baseline": peak - baseline}))
+    print(json.dumps({"seconds": seconds, "bytes": size, "rss_over_baseline": peak - baseline, "cpu_seconds": cpu}))
 
 
 if __name__ == "__main__":

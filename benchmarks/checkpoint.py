@@ -28,6 +28,12 @@ state's size. Repeats go round the clients in turn, so a noisy moment on a share
 does not hit one client's every run; 64 MiB written first, untimed, let the server grow
 its volumes before anyone is timed. MB/s is of the best repeat (state bytes / seconds).
 
+CPU seconds, of the best repeat: the client's (the child, all threads, during the
+operation) and SeaweedFS's (over the child's life; the server idles at ~0.002 s/s). The
+client and the server share the machine's cores, so a save's wall time is at least
+server CPU / cores even for a client that cost nothing: the report states that bound
+for s3pipes' saves, in MB/s and as a multiple of boto3's save.
+
 Targets (issue 5): s3pipes save >= 1.5x boto3 MB/s, load >= 1.2x boto3 MB/s, peak RSS
 over the baseline on load <= 1.25x the state. Nothing here asserts a speed.
 """
@@ -45,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks._ckpt_child import CLIENTS
+from benchmarks._cpu import server_cpu
 from benchmarks._report import machine, versions
 from s3pipes import Store
 from s3pipes.server import LocalS3Server
@@ -66,12 +73,23 @@ class Cell:
     operation: str
     seconds: list[float] = field(default_factory=list)
     rss_ratios: list[float] = field(default_factory=list)
+    client_cpu: list[float] = field(default_factory=list)
+    server_cpu: list[float | None] = field(default_factory=list)
     state_bytes: int = 0
     error: str | None = None
 
     @property
     def mb_per_s(self) -> float | None:
         return self.state_bytes / min(self.seconds) / MB if self.seconds else None
+
+    @property
+    def best(self) -> int | None:
+        """Index of the fastest repeat."""
+        return min(range(len(self.seconds)), key=self.seconds.__getitem__) if self.seconds else None
+
+    def cpu_of(self, repeat: int | None) -> tuple[float, float | None] | None:
+        """(client, server) CPU seconds of one repeat; None for none."""
+        return None if repeat is None else (self.client_cpu[repeat], self.server_cpu[repeat])
 
     @property
     def rss_ratio(self) -> float | None:
@@ -90,10 +108,13 @@ def run_child(server: LocalS3Server, client: str, operation: str, mib: int) -> d
     }
     url = f"s3://ckpt/{client}/state.pt"
     command = [sys.executable, "-m", "benchmarks._ckpt_child", client, operation, url, str(mib)]
+    served = server_cpu(server.pid)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    served_after = server_cpu(server.pid)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["server_cpu_seconds"] = None if served is None or served_after is None else served_after - served
     return result
 
 
@@ -124,14 +145,41 @@ def measure(mib: int, repeats: int) -> list[Cell]:
                     cell.seconds.append(result["seconds"])
                     cell.state_bytes = result["bytes"]
                     cell.rss_ratios.append(result["rss_over_baseline"] / result["bytes"])
+                    cell.client_cpu.append(result["cpu_seconds"])
+                    cell.server_cpu.append(result["server_cpu_seconds"])
                     rate = result["bytes"] / result["seconds"] / MB
                     print(
                         f"[{repeat + 1}/{repeats}] {client:>12} {op}: {rate:6.0f} MB/s,"
-                        f" peak RSS {cell.rss_ratios[-1]:.2f}x the state",
+                        f" peak RSS {cell.rss_ratios[-1]:.2f}x the state, CPU s {_cpu_text(cell.cpu_of(-1))}",
                         file=sys.stderr,
                         flush=True,
                     )
     return list(cells.values())
+
+
+def _cpu_text(cpu: tuple[float, float | None] | None) -> str:
+    if cpu is None:
+        return "n/a"
+    client, server = cpu
+    return f"{client:.2f} + {server:.2f}" if server is not None else f"{client:.2f} + n/a"
+
+
+def server_bound(cells: Sequence[Cell]) -> dict[str, Any] | None:
+    """The fastest s3pipes save the server's CPU allows on these cores with a client that cost nothing.
+
+    Its CPU over the fastest s3pipes save, spread perfectly over every core: a bound no client
+    passes here. None where /proc could not be read.
+    """
+    by = {(c.client, c.operation): c for c in cells}
+    ours, boto3 = by["s3pipes", "save"], by["boto3", "save"]
+    cpu = ours.cpu_of(ours.best)
+    if cpu is None or cpu[1] is None or not cpu[1]:
+        return None
+    cores = len(os.sched_getaffinity(0))
+    mb_per_s = ours.state_bytes / (cpu[1] / cores) / MB
+    theirs = boto3.mb_per_s
+    return {"server_cpu_seconds": cpu[1], "cores": cores, "mb_per_s": mb_per_s,
+            "times_boto3": mb_per_s / theirs if theirs else None}  # fmt: skip
 
 
 def targets(cells: Sequence[Cell]) -> list[dict[str, Any]]:
@@ -154,8 +202,9 @@ def markdown(cells: Sequence[Cell], settings: dict[str, Any], context: dict[str,
         f"Checkpoint save/load, {settings['mib']} MiB state, best of {settings['repeats']}"
         f" ({context['date']}; {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; one local SeaweedFS):",
         "",
-        "| client | save MB/s | load MB/s | save peak RSS / state | load peak RSS / state |",
-        "|---|---:|---:|---:|---:|",
+        "| client | save MB/s | load MB/s | save peak RSS / state | load peak RSS / state"
+        " | save CPU s, client + server | load CPU s, client + server |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(c.client, c.operation): c for c in cells}
 
@@ -166,12 +215,22 @@ def markdown(cells: Sequence[Cell], settings: dict[str, Any], context: dict[str,
         save, load = by[client, "save"], by[client, "load"]
         lines.append(
             f"| {client} | {number(save.mb_per_s, 0, save.error)} | {number(load.mb_per_s, 0, load.error)} "
-            f"| {number(save.rss_ratio, 2, save.error)} | {number(load.rss_ratio, 2, load.error)} |"
+            f"| {number(save.rss_ratio, 2, save.error)} | {number(load.rss_ratio, 2, load.error)} "
+            f"| {_cpu_text(save.cpu_of(save.best))} | {_cpu_text(load.cpu_of(load.best))} |"
         )
     lines += ["", "| target | measured | aim | met |", "|---|---:|---|---|"]
     for row in targets(cells):
         value = f"{row['value']:.2f}" if row["value"] is not None else "n/a"
         lines.append(f"| {row['name']} | {value} | {row['target']} | {'yes' if row['met'] else 'no'} |")
+    bound = server_bound(cells)
+    if bound is not None:
+        versus = f" = {bound['times_boto3']:.2f}x boto3's save" if bound["times_boto3"] else ""
+        lines += [
+            "",
+            f"Server bound on saving: SeaweedFS spent {bound['server_cpu_seconds']:.2f} s of CPU on s3pipes'"
+            f" fastest save; over {bound['cores']} cores, no client saves faster than {bound['mb_per_s']:.0f} MB/s"
+            f" here{versus}.",
+        ]
     return "\n".join(lines)
 
 
@@ -191,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     print(markdown(cells, settings, context))
     if args.json:
-        document = {**context, "settings": settings, "cells": [asdict(c) for c in cells], "targets": targets(cells)}
+        document = {**context, "settings": settings, "cells": [asdict(c) for c in cells], "targets": targets(cells),
+                    "server_bound": server_bound(cells)}  # fmt: skip
         with open(args.json, "w") as out:
             json.dump(document, out, indent=1)
 
