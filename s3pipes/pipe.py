@@ -105,6 +105,8 @@ class Pipe(IterableDataset[T], Generic[T]):
         self._plan, self._store, self._steps, self._epoch = plan, store, steps, epoch
         self._pending: StateDict | None = None
         self._live: _PipeIterator[T] | None = None
+        # a loaded state set aside for another epoch: the next pass's checkpoint() steps go on from it
+        self._carried: StateDict | None = None
         self._fingerprint: tuple[str | None] | None = None  # spec_fingerprint(), once computed
 
     # -- planning (before any stage) -------------------------------------------------------
@@ -196,7 +198,10 @@ class Pipe(IterableDataset[T], Generic[T]):
 
         ``workers`` > 0 decodes on that many threads (Pillow releases the GIL), in order.
         ``on_error="skip"`` drops a sample with a field that cannot be decoded, counting and
-        recording it (see :meth:`skipped`); the default raises ``DecodeError``.
+        recording it (see :meth:`skipped`); the default raises ``DecodeError``, naming the
+        shard, member and key. The sample it raised for counts as taken: iterating on, or
+        resuming from the state taken after the error, goes on with the next sample (a corrupt
+        shard, which cannot be read past, raises again instead).
 
         Example:
             >>> import io, webdataset as wds
@@ -480,7 +485,8 @@ class Pipe(IterableDataset[T], Generic[T]):
     # -- epochs and state ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` for the shard and sample order. A loaded state of another epoch is dropped.
+        """Use ``epoch`` for the shard and sample order. A loaded state of another epoch is dropped
+        (a ``checkpoint()`` stage still counts its steps on from it).
 
         Example:
             >>> pipe = from_urls("memory://doc-set-epoch/{0..4}.tar", store=Store()).shuffle_shards(seed=1)
@@ -490,10 +496,13 @@ class Pipe(IterableDataset[T], Generic[T]):
         """
         self._epoch = int(epoch)
         if self._pending is not None and self._pending["epoch"] != self._epoch:
-            self._pending = None
+            self._carried, self._pending = self._pending, None
 
     def state_dict(self) -> StateDict:
-        """The position after the last item yielded (or the loaded one, before iterating).
+        """The position after the last item yielded (or the loaded one, before iterating; or the
+        start of the epoch :meth:`set_epoch` set since).
+
+        A state whose pass has ended has ``"ended": True``.
 
         Example:
             >>> pipe = from_urls("memory://doc-state-dict/{0..3}", store=Store()).map(lambda url: int(url[-1]))
@@ -506,10 +515,10 @@ class Pipe(IterableDataset[T], Generic[T]):
         """
         if self._pending is not None:
             return self._pending
-        if self._live is not None:
+        if self._live is not None and self._live.epoch == self._epoch:
             return self._live.state_dict()
         consumer = current_consumer()
-        return self._wrap(self._build(consumer).state_dict(), consumer)
+        return self._wrap(self._build(consumer).state_dict(), consumer, self._epoch)
 
     def load_state_dict(self, state: StateDict) -> None:
         """Resume from ``state`` at the next ``iter()``.
@@ -539,17 +548,26 @@ class Pipe(IterableDataset[T], Generic[T]):
                 "the shard list, the shard seed or the stages differ (pipe.to_spec() shows this one). Resume "
                 "with the pipeline that saved it, e.g. s3pipes.from_spec() of the spec saved with the run"
             )
+        if _passed(state, self._epoch):
+            # StatefulDataLoader (num_workers=0) loads the dataset's state at iter(), after the
+            # training loop's set_epoch(next epoch): a state whose epoch has ended has nothing
+            # left for this pipe, which keeps its epoch (and its checkpoint() steps go on)
+            self._carried, self._pending = dict(state), None
+            return
         self._pending = dict(state)
         self._epoch = int(state["epoch"])
 
-    def _wrap(self, node_state: StateDict, consumer: Consumer) -> StateDict:
-        return {
+    def _wrap(self, node_state: StateDict, consumer: Consumer, epoch: int, *, ended: bool = False) -> StateDict:
+        state = {
             "version": self.STATE_VERSION,
-            "epoch": self._epoch,
+            "epoch": epoch,
             "consumer": [consumer.rank, consumer.world_size, consumer.worker, consumer.num_workers],
             "node": node_state,
             self.SPEC_KEY: self.spec_fingerprint(),
         }
+        if ended:
+            state["ended"] = True  # the pass is over: see _passed
+        return state
 
     # -- running ---------------------------------------------------------------------------
 
@@ -561,12 +579,19 @@ class Pipe(IterableDataset[T], Generic[T]):
             elif cls is ShuffleBuffer:
                 node = ShuffleBuffer(node, **kwargs, epoch=self._epoch, stream=consumer.index)
             elif cls is CheckpointSink:  # saves the pipe-level state; its step goes on from the last pass
-                last = self._live.state_dict()["node"] if self._live is not None else None
-                wrap = functools.partial(self._wrap, consumer=consumer)
+                last = self._last_pass_state()
+                wrap = functools.partial(self._wrap, consumer=consumer, epoch=self._epoch)
                 node = CheckpointSink(node, **kwargs, wrap=wrap, start=CheckpointSink.step_of(last))
             else:
                 node = cls(node, **kwargs)
         return node
+
+    def _last_pass_state(self) -> StateDict | None:
+        """The node state a new pass continues ``checkpoint()``'s steps from: a state set aside
+        for another epoch, else the last pass's (None: none)."""
+        if self._carried is not None:
+            return self._carried["node"]  # type: ignore[no-any-return]
+        return self._live.state_dict()["node"] if self._live is not None else None
 
     def __iter__(self) -> Iterator[T]:
         consumer = current_consumer()
@@ -574,7 +599,7 @@ class Pipe(IterableDataset[T], Generic[T]):
         if self._pending is not None:
             iterator.load_state_dict(self._pending)
             self._pending = None
-        self._live = iterator
+        self._live, self._carried = iterator, None
         return iterator
 
     def __getstate__(self) -> dict[str, Any]:
@@ -608,9 +633,11 @@ class _PipeIterator(Iterator[T], Generic[T]):
         self._pipe, self._consumer = pipe, consumer
         self.started = time.perf_counter()  # the pass's wall time, for Pipe.stats()
         self.finished: float | None = None
+        self.epoch = pipe._epoch
         self.node = pipe._build(consumer)
         self.node.reset()
         self._applied: StateDict | None = None  # the state loaded, until an item is taken
+        self._ended = False  # the pass ran out (or the loaded state's had)
 
     def __next__(self) -> T:
         self._applied = None
@@ -619,10 +646,11 @@ class _PipeIterator(Iterator[T], Generic[T]):
         except StopIteration:
             if self.finished is None:
                 self.finished = time.perf_counter()
+            self._ended = True
             raise
 
     def state_dict(self) -> StateDict:
-        return self._pipe._wrap(self.node.state_dict(), self._consumer)
+        return self._pipe._wrap(self.node.state_dict(), self._consumer, self.epoch, ended=self._ended)
 
     def load_state_dict(self, state: StateDict) -> None:
         saved = Consumer(*state["consumer"])
@@ -631,12 +659,18 @@ class _PipeIterator(Iterator[T], Generic[T]):
                 f"this state was saved by {saved} but is being loaded by {self._consumer}: "
                 "resume with the same world size and number of DataLoader workers"
             )
-        if state == self._applied:
+        if state == self._applied or _passed(state, self.epoch):
             return  # StatefulDataLoader restores the dataset and then its iterator: one reopen is enough
         self.node = self._pipe._build(self._consumer)
         self.node.reset(state["node"])
         self.started, self.finished = time.perf_counter(), None
+        self.epoch, self._ended = int(state["epoch"]), bool(state.get("ended"))
         self._applied = state
+
+
+def _passed(state: StateDict, epoch: int) -> bool:
+    """Whether ``state`` is of a pass that ended in an epoch before ``epoch``."""
+    return bool(state.get("ended")) and int(state["epoch"]) < epoch
 
 
 def _store(store: Store | None, storage_options: Mapping[str, Any] | None) -> Store:

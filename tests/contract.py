@@ -47,12 +47,27 @@ def assert_resumes(make: Callable[[], Pipe[Any]], *, epochs: Sequence[int] = (0,
             if k < len(expected):
                 assert comparable(next(iterator)) == expected[k]
         # An end-of-epoch state followed by the next epoch starts that epoch fresh.
+        assert list(iterator) == []  # the pass sees its end, as a for loop or a DataLoader does
+        ended = pipe.state_dict()
+        assert ended.get("ended") is True
         resumed = make()
-        resumed.load_state_dict(pipe.state_dict())
+        resumed.load_state_dict(ended)
         resumed.set_epoch(epoch + 1)
         fresh = make()
         fresh.set_epoch(epoch + 1)
-        assert run(resumed) == run(fresh)
+        following = run(fresh)
+        assert run(resumed) == following
+        # So does the same state loaded after set_epoch (StatefulDataLoader with num_workers=0
+        # loads the dataset's state at iter(), after the training loop's set_epoch) ...
+        late = make()
+        late.set_epoch(epoch + 1)
+        late.load_state_dict(ended)
+        assert run(late) == following, "an ended state loaded after set_epoch(next) must not replay its epoch"
+        # ... and the state taken after set_epoch(next), before iterating: it is that epoch's start.
+        pipe.set_epoch(epoch + 1)
+        resumed = make()
+        resumed.load_state_dict(pipe.state_dict())
+        assert run(resumed) == following, "the state after set_epoch(next) must be the start of that epoch"
 
 
 def assert_disjoint_cover(parts: Sequence[Sequence[Any]], everything: Sequence[Any]) -> None:

@@ -5,7 +5,10 @@ reader thread running and consuming source items (pytorch/data PR #1482, fixed a
 0.11); a resumable pipeline cannot afford that, so this stage owns its threads outright.
 
 Order is the source's. The position after an item is the source state recorded just
-before the *next* item was pulled, so in-flight work is simply redone on resume.
+before the *next* item was pulled, so in-flight work is simply redone on resume. An item
+leaves the in-flight queue only once the queue is refilled behind it, so a source error
+while refilling loses nothing: the item is returned by the next ``next`` (or redone from
+the state).
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ class ParallelMap(Stage[U], Generic[T, U]):
         self._exhausted = False
         self.skips = SkipLog.of(initial_state)
 
-    def _fill(self) -> None:
+    def _fill(self, extra: int = 0) -> None:
         if self._pool is None:
             return
-        while not self._exhausted and len(self._in_flight) < 2 * self.workers:
+        while not self._exhausted and len(self._in_flight) < 2 * self.workers + extra:
             before = self.source.state_dict()
             try:
                 item = next(self.source)
@@ -72,17 +75,19 @@ class ParallelMap(Stage[U], Generic[T, U]):
             if not self._in_flight:
                 self.shutdown()  # the epoch is over: no thread outlives it
                 raise StopIteration
-            _, future = self._in_flight.popleft()
+            _, future = self._in_flight[0]
             try:
                 result = future.result()
             except DataError as exc:
+                self._in_flight.popleft()  # the sample is done with: raised, or skipped
                 locate_from(self.source, exc)  # a DecodeError: add the member and offset
                 if self.on_error == "raise":
                     raise
                 self.skips.record(exc)
                 continue
+            self._fill(extra=1)  # keep the workers busy while this result is used
+            self._in_flight.popleft()
             self.items_out += 1
-            self._fill()
             return result
 
     def get_state(self) -> StateDict:

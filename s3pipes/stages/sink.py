@@ -20,14 +20,17 @@ class CheckpointSink(Stage[T]):
     """Yields its source's items unchanged and saves ``{**state(), "data": <position>}`` to ``store``.
 
     A save is due after every ``every``-th item (counted across epochs) and at the end of
-    each epoch. It happens when the *next* item is asked for (or the source runs out),
-    i.e. after the training loop has finished with the item: ``state()`` then describes a
+    each epoch. It happens when the *next* item is asked for (once it is pulled, so a save
+    at an epoch's end knows it; the position saved is from before), i.e. after the training
+    loop has finished with the item: ``state()`` then describes a
     model trained on everything up to it, and ``"data"`` is the position right after it.
     The step of a save is the number of items yielded so far, across epochs; it is part of
     this stage's state, so it carries on after ``load_state_dict``, and from one pass of a
-    ``Pipe`` to the next. Not carried: a new ``Pipe`` (or one whose loaded state ``set_epoch``
-    dropped) counts from 0 again. Resume: ``saved = store.load()``, restore the model and
-    optimizer, ``pipe.load_state_dict(saved["data"])``, then go on from ``saved["data"]["epoch"]``.
+    ``Pipe`` to the next (also from a loaded state that ``set_epoch`` set aside for another
+    epoch). Not carried: a new ``Pipe`` that loads no state counts from 0 again. Resume:
+    ``saved = store.load()``, restore the model and optimizer,
+    ``pipe.load_state_dict(saved["data"])``, then go on from ``saved["data"]["epoch"]`` (a save
+    at an epoch's end may also go on from the next epoch: it has ``"ended": True``).
 
     It must be the last stage, and it saves from the process that iterates it: put it after
     ``.batch()`` so that it counts training steps, iterate the pipe directly or through
@@ -41,7 +44,8 @@ class CheckpointSink(Stage[T]):
         state: what to save besides the data position, e.g. model and optimizer state dicts.
             The key ``"data"`` is reserved for the position.
         wrap: turns this stage's state into the saved ``"data"`` (a ``Pipe`` passes its
-            ``state_dict()`` format); None saves this stage's state as it is.
+            ``state_dict()`` format), told with ``ended=True`` that the epoch's items are all
+            out; None saves this stage's state as it is.
         start: the step to count from when reset without a state.
 
     Raises:
@@ -67,7 +71,7 @@ class CheckpointSink(Stage[T]):
         *,
         every: int,
         state: Callable[[], Mapping[str, Any]] | None = None,
-        wrap: Callable[[StateDict], StateDict] | None = None,
+        wrap: Callable[..., StateDict] | None = None,
         start: int = 0,
     ) -> None:
         super().__init__()
@@ -89,14 +93,16 @@ class CheckpointSink(Stage[T]):
         self._saved = self._step  # a loaded (or starting) position needs no save of its own
 
     def next(self) -> T:
-        if self._step != self._saved and self._step % self.every == 0:
-            self._save()
+        due = self._step != self._saved and self._step % self.every == 0
+        position = self.get_state() if due else None  # before the next item is pulled
         try:
             item: T = next(self.source)
         except StopIteration:
             if self._step != self._saved:
-                self._save()  # the end of the epoch
+                self._save(self.get_state(), ended=True)  # the save knows the epoch is over
             raise
+        if position is not None:
+            self._save(position)
         self._step += 1
         self.items_out += 1
         return item
@@ -109,10 +115,11 @@ class CheckpointSink(Stage[T]):
         """The step count in a state of this stage (0 for None): where the next pass goes on from."""
         return int(state[cls.STEP_KEY]) if state is not None else 0
 
-    def _save(self) -> None:
+    def _save(self, data: StateDict, *, ended: bool = False) -> None:
         extra = dict(self.state()) if self.state is not None else {}
         if "data" in extra:
             raise ValueError(f"checkpoint(): state() returned a 'data' key {sorted(extra)}; it is the data position's")
-        data = self.get_state()
-        self.store.save({**extra, "data": self.wrap(data) if self.wrap is not None else data}, step=self._step)
+        self.store.save(
+            {**extra, "data": self.wrap(data, ended=ended) if self.wrap is not None else data}, step=self._step
+        )
         self._saved = self._step

@@ -70,7 +70,10 @@ class Batch(Stage[Any], Generic[T]):
     """Groups ``batch_size`` items and collates them (torch's ``default_collate`` by default).
 
     A batch is built whole inside ``next``, so the position between batches is the
-    source's: resume never splits a batch.
+    source's: resume never splits a batch. When the source raises part way through a
+    batch (a store error), the items taken so far stay: the next ``next`` goes on
+    filling the same batch, and the state is the source's from before the batch's first
+    item, so a resume from it takes them again.
     """
 
     def __init__(
@@ -89,13 +92,17 @@ class Batch(Stage[Any], Generic[T]):
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
+        self._items: list[T] = []  # the batch being filled
+        self._before: StateDict | None = None  # the source's state before its first item
 
     def next(self) -> Any:
-        items: list[T] = []
-        for item in self.source:
-            items.append(item)
-            if len(items) == self.batch_size:
+        if not self._items:
+            self._before = self.source.state_dict()
+        for item in self.source:  # an exception leaves the batch so far in self._items
+            self._items.append(item)
+            if len(self._items) == self.batch_size:
                 break
+        items, self._items = self._items, []
         if not items or (self.drop_last and len(items) < self.batch_size):
             raise StopIteration
         batch = self.collate(items) if self.collate is not None else items
@@ -103,4 +110,4 @@ class Batch(Stage[Any], Generic[T]):
         return batch
 
     def get_state(self) -> StateDict:
-        return {SOURCE_KEY: self.source.state_dict()}
+        return {SOURCE_KEY: self._before if self._items else self.source.state_dict()}

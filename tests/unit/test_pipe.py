@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -232,3 +234,68 @@ def test_empty_prefix_is_an_object_not_found_naming_it(shards: str) -> None:
     with pytest.raises(sp.ObjectNotFound, match=r"no objects ending in '\.tgz' under this prefix") as info:
         sp.list_prefix(f"{shards}/", suffix=".tgz")
     assert shards in str(info.value)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_stateful_dataloader_saved_at_epoch_end_resumes_with_the_next_epoch(shards: str, num_workers: int) -> None:
+    """The usual loop: save the loader's state after each epoch, resume from the next. With
+    num_workers=0 the loader loads the pipe's state at iter(), after set_epoch(next)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> tuple[sp.Pipe, StatefulDataLoader]:
+        pipe = sp.webdataset(f"{shards}/", shuffle_seed=1).map(lambda s: s["__key__"])
+        return pipe, StatefulDataLoader(pipe, batch_size=None, num_workers=num_workers)
+
+    pipe, first = loader()
+    pipe.set_epoch(0)
+    list(first)
+    saved = first.state_dict()
+    pipe, resumed = loader()
+    resumed.load_state_dict(saved)
+    pipe.set_epoch(1)
+    got = list(resumed)
+    pipe, fresh = loader()
+    pipe.set_epoch(1)
+    assert got == list(fresh) and len(got) == SHARDS * PER_SHARD
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        pytest.param(lambda p: p.batch(3, collate=None), id="batch"),
+        pytest.param(lambda p: p.map(str.upper, workers=2), id="map-threads"),
+        pytest.param(lambda p: p.batch(2, collate=None).map(len, workers=2), id="batch-then-map-threads"),
+    ],
+)
+def test_the_state_after_a_store_error_mid_stage_loses_no_item(
+    shards: str, last: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read fails (after the store's retries) while a stage is pulling items ahead: the state
+    then resumes with exactly the items not yet yielded, whichever read failed."""
+
+    def make() -> sp.Pipe:
+        pipe = sp.list_prefix(f"{shards}/").open_object(block_size=1024, ahead=1).untar().group_by_key()
+        return last(pipe.map(lambda s: s["__key__"]))  # type: ignore[no-any-return]
+
+    everything = list(make())
+    real, calls, failing = Store.read_bytes, [0], [0]
+
+    def flaky(self: Store, url: str, start: int | None = None, end: int | None = None) -> bytes:
+        calls[0] += 1
+        if calls[0] == failing[0]:
+            raise sp.StoreError(url, "file", "injected")
+        return real(self, url, start, end)
+
+    monkeypatch.setattr(Store, "read_bytes", flaky)
+    for failing[0] in itertools.count(1):
+        calls[0], got, pipe = 0, [], make()
+        try:
+            got.extend(pipe)
+        except sp.StoreError as exc:
+            assert "injected" in str(exc)
+        else:
+            break  # no read left to fail
+        resumed = make()
+        resumed.load_state_dict(pipe.state_dict())
+        assert got + list(resumed) == everything, f"read #{failing[0]} failing lost or repeated items"
+    assert failing[0] > 20, "the test must fail reads at many points"

@@ -62,7 +62,9 @@ def test_saves_every_n_items_and_at_epoch_end_with_steps_counted_across_epochs(s
     for step in ckpt.steps():
         saved = ckpt.load(step=step)
         assert saved["trained"] == step, "the save came before the loop finished with the item"
-        assert saved["data"] == positions[step], f"step {step}: not the position right after item {step}"
+        assert saved["data"] == {**positions[step], **({"ended": True} if step % ITEMS == 0 else {})}, (
+            f"step {step}: not the position right after item {step} (ended at the epoch's end)"
+        )
         assert saved["data"]["node"][CheckpointSink.STEP_KEY] == step
     assert ckpt.load(step=35)["data"]["epoch"] == 0 and ckpt.load(step=40)["data"]["epoch"] == 1
 
@@ -100,6 +102,25 @@ def test_counts_batches_after_batch_and_saves_through_a_main_process_dataloader(
     resumed = resumed.checkpoint(ckpt_store(mem_root, "other"), every=3)
     resumed.load_state_dict(ckpt.load(step=6)["data"])
     assert list(resumed) == batches[6:]
+
+
+def test_steps_go_on_from_an_epoch_end_state_however_the_next_epoch_is_set(shards: str, mem_root: str) -> None:
+    """Resuming from the epoch-end save straight into the next epoch: set_epoch before or after
+    load_state_dict (StatefulDataLoader loads at iter()), the saves go on at the same steps."""
+    first = ckpt_store(mem_root, "first")
+    train(key_pipe(shards, first), range(2), [])
+    end_of_epoch_0 = first.load(step=ITEMS)["data"]
+    for order in ("load, then set_epoch", "set_epoch, then load"):
+        again = ckpt_store(mem_root, order.replace(", ", "-"))
+        resumed = key_pipe(shards, again)
+        if order == "load, then set_epoch":
+            resumed.load_state_dict(end_of_epoch_0)
+            resumed.set_epoch(1)
+        else:
+            resumed.set_epoch(1)
+            resumed.load_state_dict(end_of_epoch_0)
+        assert len(list(resumed)) == ITEMS, order
+        assert again.steps() == [s for s in first.steps() if s > ITEMS], order
 
 
 def test_no_save_without_new_items(mem_root: str) -> None:
