@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import socket
+import tempfile
 import threading
 import time
 import weakref
@@ -62,6 +63,9 @@ DEFAULT_CONNECT_TIMEOUT = 3.0
 
 DEFAULT_READ_TIMEOUT = 60.0
 """Seconds to wait for the next bytes of a response before reporting a timeout."""
+
+PART_SUFFIX = ".s3pipes-part"
+"""The name ending of a local write in flight (a temporary file beside its target): never listed."""
 
 _SECRET_OPTIONS = ("secret", "token", "password", "aws_secret_access_key", "aws_session_token")
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -471,10 +475,14 @@ class Store:
             raise ValueError(f"{mode=} is not supported for {url}: use 'rb' to read or 'wb' to replace the object")
         fs, path = self.resolve(url)
         writing = mode in _WRITE_MODES
-        if self._protocol(url) == "memory":
+        protocol = self._protocol(url)
+        if protocol == "memory":
             # memory:// publishes a file when it is opened and hands every reader the same
             # file object (one shared position); give it a real store's semantics instead.
             handle: Any = _MemoryUpload(fs, path) if writing else io.BytesIO(self.read_bytes(url))
+        elif writing and protocol in ("file", "local"):
+            with self.errors(url):
+                handle = _LocalUpload(path)
         else:
             if writing:
                 kwargs.setdefault("autocommit", False)  # publish on commit, not on open or failed close
@@ -653,6 +661,9 @@ class Store:
                 found = fs.find(path, detail=True)
                 if not found and not fs.exists(path):
                     fs.ls(path)  # raises for a missing root, so that case is never silent
+                found = {
+                    name: info for name, info in found.items() if not name.endswith(PART_SUFFIX)
+                }  # writes in flight
         # Spell results like the prefix was spelled ("memory://x" not "memory:///x").
         root, base = path.rstrip("/"), prefix.rstrip("/")
         return {
@@ -891,6 +902,49 @@ class StoreFile:
 
     def __repr__(self) -> str:
         return f"<s3pipes file {self.url}>"
+
+
+class _LocalUpload:
+    """A write to a local path published only by ``commit``: a temporary file in the same
+    directory, synced, then renamed over the path (atomic on POSIX).
+
+    fsspec's own (``autocommit=False``) writes the temporary file in ``$TMPDIR`` and moves
+    it on commit; from another file system (tmpfs ``/tmp``, a mounted volume) the move is a
+    copy that truncates the old file first, so a process killed meanwhile left neither the
+    old file nor the new one, and a checkpoint's whole size in ``$TMPDIR``.
+    """
+
+    def __init__(self, path: str) -> None:
+        directory, name = os.path.split(path)
+        os.makedirs(directory or ".", exist_ok=True)
+        fd, self._temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=PART_SUFFIX)
+        self._path, self._file = path, os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # the data is on disk before the name points at it
+            self._file.close()
+
+    def commit(self) -> None:
+        os.replace(self._temp, self._path)
+
+    def discard(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._temp)
 
 
 class _MemoryUpload(io.BytesIO):

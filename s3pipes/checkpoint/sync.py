@@ -48,7 +48,7 @@ from typing import Any
 
 from s3pipes import errors
 from s3pipes._units import human_bytes
-from s3pipes.store import Store, _parse_timestamp
+from s3pipes.store import PART_SUFFIX, Store, _parse_timestamp
 
 __all__ = ["DEFAULT_EXCLUDE", "CheckpointWatcher", "SyncResult", "sync_checkpoints", "watch_checkpoints"]
 
@@ -56,7 +56,7 @@ DEFAULT_EXCLUDE = ("*.tmp", "*.part", "*.swp", "*~")
 """Patterns never synced: temporary files of writers that save to a temp name and rename."""
 
 _MARKER = ".s3pipes-restore-incomplete"
-_PART_SUFFIX = ".s3pipes-part"  # our own downloads in flight, never uploaded
+_PART_SUFFIX = PART_SUFFIX  # our own downloads in flight (as Store's local writes), never uploaded
 _CHUNK = 8 << 20
 _ROUNDS = 3  # one-shot / final passes re-run while files change during their upload
 _log = logging.getLogger(__name__)

@@ -178,6 +178,29 @@ def test_failed_write_publishes_nothing_and_keeps_the_old_object(tmp_path: Path)
     assert [p.name for p in (tmp_path / "dir").iterdir()] == ["object.bin"], "no temp file left"
 
 
+def test_a_local_write_is_renamed_over_its_target_not_copied_from_tmpdir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy from $TMPDIR on another file system truncates the old file first: a process killed
+    then lost both versions. The write goes to a file beside the target, renamed on close."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmpdir))
+    store, url, target = Store(), f"file://{tmp_path}/run/model.pt", tmp_path / "run" / "model.pt"
+    store.write_bytes(url, b"version 1")
+    with store.open(url, "wb") as f:
+        f.write(b"version 2, in flight")
+        f.flush()
+        (part,) = (p for p in target.parent.iterdir() if p.name != "model.pt")
+        assert part.name.startswith(".model.pt.") and part.name.endswith(".s3pipes-part")
+        assert target.read_bytes() == b"version 1" and not list(tmpdir.iterdir())
+        assert store.list(f"file://{tmp_path}/run/") == [url], "a write in flight is not listed"
+        inode = part.stat().st_ino
+    assert target.read_bytes() == b"version 2, in flight"
+    assert target.stat().st_ino == inode, "published by a rename"
+    assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
+
+
 def test_unknown_protocol_is_a_clear_error() -> None:
     with pytest.raises(s3pipes.InvalidURL, match="nosuchproto"):
         Store().filesystem("nosuchproto://x/y")
