@@ -160,14 +160,35 @@ def _torch_load(
         failed = getattr(file, "error", None)  # a ParallelReader's store error, which torch wraps
         if failed is not None:
             raise failed from failed.__cause__  # the backend's exception stays its cause
-        named = _load_error(exc, url, weights_only)
+        named = _load_error(exc, url, weights_only, _head(file))
         if named is exc:
             raise
         raise named from exc
 
 
-def _load_error(exc: Exception, url: str, weights_only: bool) -> Exception:
-    """Why ``torch.load`` failed on ``url``: a refused object, a damaged file, or ``exc`` itself (neither)."""
+# How every torch.save file begins: a zip's local header (the format since torch 1.6), or the
+# legacy format's pickled magic number (pickle protocol 2, without the STOP opcode).
+_TORCH_SAVE_HEADS = (b"PK\x03\x04", pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1])
+
+
+def _head(file: IO[bytes]) -> bytes | None:
+    """The first bytes of ``file`` (None if it cannot be read again)."""
+    try:
+        file.seek(0)
+        return file.read(max(map(len, _TORCH_SAVE_HEADS)))
+    except Exception:
+        return None
+
+
+def _load_error(exc: Exception, url: str, weights_only: bool, head: bytes | None = None) -> Exception:
+    """Why ``torch.load`` failed on ``url``: a refused object, a damaged file, or ``exc`` itself (neither).
+
+    ``head``, the file's first bytes, tells a file that is no torch.save at all (text, JSON, a
+    plain pickle, random bytes) from one whose object the weights-only unpickler refused.
+    """
+    if head is not None and not head.startswith(_TORCH_SAVE_HEADS):
+        what = "empty" if not head else f"it begins {head[:8]!r}"
+        return CorruptCheckpoint(url, f"not a torch.save file ({what}; torch.load: {type(exc).__name__}: {exc})")
     if isinstance(exc, pickle.UnpicklingError):
         if weights_only and "weights only" in str(exc).lower():
             reason = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n\n")[0].strip()
@@ -178,7 +199,9 @@ def _load_error(exc: Exception, url: str, weights_only: bool) -> Exception:
                 "load it with weights_only=False, or allow the type with torch.serialization.add_safe_globals",
             )
         return CorruptCheckpoint(url, f"not a readable torch.save file: {exc}")
-    about_the_file = not isinstance(exc, RuntimeError) or "zip archive" in str(exc) or "PytorchStreamReader" in str(exc)
+    about_the_file = not isinstance(exc, RuntimeError) or any(
+        clue in str(exc) for clue in ("zip archive", "PytorchStreamReader", "inline_container", "magic number")
+    )
     if isinstance(exc, (EOFError, RuntimeError, ValueError)) and about_the_file:
         return CorruptCheckpoint(url, f"not a readable torch.save file ({type(exc).__name__}: {exc})")
     return exc  # e.g. a map_location that names a device this machine lacks: not the file's fault

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fractions
+import io
 import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -309,6 +311,36 @@ def test_an_object_that_is_not_a_checkpoint_is_named(mem_root: str) -> None:
     assert f"{mem_root}/notes.txt" in str(info.value)
     with pytest.raises(s3pipes.ObjectNotFound, match=r"missing\.pt"):
         CheckpointStore.load_url(f"{mem_root}/missing.pt", store=store)
+
+
+def _zip_of_text() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("hello.txt", "hi")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("weights_only", [True, False])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"my training notes\n", id="text"),
+        pytest.param(b'{"lr": 0.1}', id="json"),
+        pytest.param(bytes(range(256)) * 16, id="binary"),
+        pytest.param(pickle.dumps({"a": 1}), id="plain-pickle"),
+        pytest.param(_zip_of_text(), id="other-zip"),
+    ],
+)
+def test_a_file_that_is_no_torch_save_is_corrupt_whatever_weights_only(
+    mem_root: str, body: bytes, weights_only: bool
+) -> None:
+    """Not a WeightsOnlyRefused (which advises weights_only=False) nor torch's own KeyError or
+    RuntimeError: the file is simply not a checkpoint."""
+    store = Store()
+    store.write_bytes(f"{mem_root}/file.pt", body)
+    with pytest.raises(CorruptCheckpoint, match=r"not a (readable )?torch\.save file") as info:
+        CheckpointStore(mem_root, store=store).load(key="file.pt", weights_only=weights_only)
+    assert f"{mem_root}/file.pt" in str(info.value)
 
 
 @pytest.mark.parametrize(
