@@ -196,7 +196,34 @@ class _Syncer:
                 continue  # a "directory" marker, or a key that would escape local_dir
             if not self._excluded(rel):
                 remote[rel] = info
-        return remote
+        return self._one_kind_per_name(remote)
+
+    def _one_kind_per_name(self, remote: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """``remote`` without the older side of each name that is both an object and a "directory"
+        of others (``ckpt`` and ``ckpt/model.pt``: a synced file later replaced by a directory,
+        or the reverse, both kept since sync never deletes). A local directory holds one of them.
+        """
+        under: dict[str, list[str]] = {}
+        for rel in remote:
+            parts = rel.split("/")
+            for depth in range(1, len(parts)):
+                if (prefix := "/".join(parts[:depth])) in remote:
+                    under.setdefault(prefix, []).append(rel)
+        left_out: set[str] = set()
+        for name in sorted(under):
+            if name in left_out:
+                continue
+            children = under[name]
+            as_file = _remote_mtime_ns(remote[name]) or 0
+            as_directory = max(_remote_mtime_ns(remote[child]) or 0 for child in children)
+            newer, older = ("object", "directory") if as_file > as_directory else ("directory", "object")
+            left_out.update(children if as_file > as_directory else [name])
+            _log.warning(
+                "%s/%s is both an object and a directory of %d object(s) in the store; a local directory "
+                "holds one: restoring the newer %s, leaving out the %s (delete it from the store to keep this quiet)",
+                self.url, name, len(children), newer, older,
+            )  # fmt: skip
+        return {rel: info for rel, info in remote.items() if rel not in left_out}
 
     def _transfer(
         self, label: str, jobs: Iterable[tuple[str, Callable[[_Bar], Any]]], total: int

@@ -56,6 +56,26 @@ def test_round_trip_restore_and_nothing_to_upload_after(s3_store: Store, s3_root
     assert sync_checkpoints(local, url, store=s3_store, progress=False) == SyncResult(unchanged=4)
 
 
+@pytest.mark.parametrize("newer", ["directory", "object"])
+def test_a_name_both_object_and_directory_in_the_store_restores_the_newer(
+    s3_store: Store, s3_root: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, newer: str
+) -> None:
+    """A file synced, then replaced by a directory of the same name (or the reverse): the bucket
+    keeps both (sync never deletes); a restore takes the newer one instead of failing forever."""
+    url = f"{s3_root}/job/checkpoints"
+    writes = [("ckpt", b"a file"), ("ckpt/model.pt", b"a directory's file")]
+    for rel, data in writes if newer == "directory" else writes[::-1]:
+        s3_store.write_bytes(f"{url}/{rel}", data)
+        time.sleep(1.1)  # S3 keeps whole seconds
+    local = tmp_path / "restarted"
+    with caplog.at_level("WARNING", logger="s3pipes"):
+        result = sync_checkpoints(local, url, store=s3_store, progress=False)
+    expected = {"ckpt/model.pt": b"a directory's file"} if newer == "directory" else {"ckpt": b"a file"}
+    assert result.restored == 1 and local_files(local) == expected
+    assert f"{url}/ckpt is both an object and a directory" in caplog.text and f"the newer {newer}" in caplog.text
+    assert sync_checkpoints(local, url, store=s3_store, progress=False).restored == 0, "the restore finished"
+
+
 @pytest.mark.parametrize("local_state", ["empty", "non-empty"])
 def test_missing_bucket_is_named(s3_store: Store, tmp_path: Path, local_state: str) -> None:
     url = "s3://no-such-bucket-for-sync/run/checkpoints"
