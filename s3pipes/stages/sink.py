@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch.utils.data import get_worker_info
 from torchdata.nodes import BaseNode
 
@@ -14,6 +18,19 @@ from s3pipes.errors import ConfigError
 from s3pipes.stages.base import SOURCE_KEY, Stage
 
 __all__ = ["CheckpointSink"]
+
+
+def _weights_only_refusal(data: StateDict) -> str | None:
+    """Why ``torch.load(weights_only=True)`` would refuse ``data`` (a data position), or None."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).partition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+        return reason.split(" was not an allowed global")[0].strip() or str(exc)
+    return None
 
 
 class CheckpointSink(Stage[T]):
@@ -79,6 +96,7 @@ class CheckpointSink(Stage[T]):
             raise ValueError(f"checkpoint(): {every=} must be a positive int (items between saves)")
         self.source, self.store, self.every, self.start = source, store, every, start
         self.state, self.wrap = state, wrap
+        self._checked = False  # whether torch.load(weights_only=True) takes the position
 
     def reset(self, initial_state: StateDict | None = None) -> None:
         super().reset(initial_state)
@@ -119,6 +137,18 @@ class CheckpointSink(Stage[T]):
         extra = dict(self.state()) if self.state is not None else {}
         if "data" in extra:
             raise ValueError(f"checkpoint(): state() returned a 'data' key {sorted(extra)}; it is the data position's")
+        if not self._checked:  # once: what a position holds keeps its types from save to save
+            self._checked = True
+            refusal = _weights_only_refusal(data)
+            if refusal is not None:
+                warnings.warn(
+                    f"checkpoint() to {self.store.url}: load()'s default weights_only=True will refuse these "
+                    f"checkpoints, as the data position holds objects it does not load ({refusal}): a shuffle "
+                    "buffer after decode or map keeps its samples in the state. Load them with "
+                    "weights_only=False (you wrote them), or shuffle before decoding (a smaller state too)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self.store.save(
             {**extra, "data": self.wrap(data, ended=ended) if self.wrap is not None else data}, step=self._step
         )

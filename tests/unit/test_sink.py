@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,24 @@ def test_steps_go_on_from_an_epoch_end_state_however_the_next_epoch_is_set(shard
             resumed.load_state_dict(end_of_epoch_0)
         assert len(list(resumed)) == ITEMS, order
         assert again.steps() == [s for s in first.steps() if s > ITEMS], order
+
+
+def test_warns_once_when_load_would_refuse_the_position_and_not_otherwise(shards: str, mem_root: str) -> None:
+    """A shuffle buffer after decode("pil") keeps PIL images in the state: weights_only=True
+    refuses them, so the user hears it at the first save, not at the resume after a crash."""
+    decoded = sp.webdataset(f"{shards}/").decode("pil").shuffle(4, seed=0)
+    ckpt = ckpt_store(mem_root, "pil")
+    with pytest.warns(UserWarning, match=r"weights_only=True will refuse.*PngImageFile.*shuffle before decoding") as w:
+        list(decoded.checkpoint(ckpt, every=EVERY))
+    assert len(w) == 1 and len(ckpt.steps()) == 4
+    with pytest.raises(sp.WeightsOnlyRefused):
+        ckpt.load(step=EVERY)  # mid-epoch: images in the buffer
+    assert ckpt.load(step=EVERY, weights_only=False)["data"]["node"]["step"] == EVERY
+    raw = ckpt_store(mem_root, "raw")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(sp.webdataset(f"{shards}/").shuffle(4, seed=0).decode("pil").checkpoint(raw, every=EVERY))
+    assert raw.load()["data"]["node"]["step"] == ITEMS
 
 
 def test_no_save_without_new_items(mem_root: str) -> None:
