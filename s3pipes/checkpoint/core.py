@@ -20,8 +20,8 @@ process, ``load_sharded`` loads it in place on every rank.
 A step is *committed* once its marker exists. ``save`` publishes the payload (an object
 appears whole or not at all), then the marker, then ``latest.json``, then applies
 retention; a process killed at any moment leaves at most an uncommitted step (a payload
-without a marker, ignored) or a stale pointer (``load`` falls back to the newest
-committed step). ``load`` checks the payload's size against the marker before reading
+without a marker, ignored), a payload its step's marker does not name (a re-save's,
+ignored) or a stale pointer (``load`` falls back to the newest committed step). ``load`` checks the payload's size against the marker before reading
 it, and its sha256 as it streams into ``torch.load`` (:mod:`s3pipes.transfer`); a mismatch is a
 :class:`CorruptCheckpoint` whatever torch made of the bytes, so a partial or replaced
 payload is never returned. The digest is known only once the payload is read: a
@@ -63,6 +63,7 @@ import json
 import logging
 import pickle
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -284,8 +285,10 @@ class CheckpointStore:
 
         Args:
             state: what ``torch.save`` takes, typically ``{"model": ..., "optim": ..., "data": ...}``.
-            step: the step number (an int >= 0). Saving a step again replaces it: its marker
-                is deleted first, so the step is uncommitted until the new payload is complete.
+            step: the step number (an int >= 0). Saving a step again replaces it: the new payload
+                goes beside the old one (``state-<random>.pt``), the new marker names it, then the
+                old payload is deleted; until the marker is written the step is the old one, so a
+                failed or killed save leaves it as it was.
             key: instead of ``step``: one object under the run (``"model.pt"``), replaced on each
                 save; on a versioned bucket every save stays as a version. No marker, no retention.
 
@@ -317,28 +320,34 @@ class CheckpointStore:
             return url
         assert step is not None
         step_url = self.step_url(step)
-        payload_url, marker_url = f"{step_url}/{self.PAYLOAD_NAME}", f"{step_url}/{self.MARKER_NAME}"
-        if self._read_bytes_or_none(marker_url) is not None:  # one GET; a missing bucket fails here, early
-            self.store.delete(marker_url)  # uncommit the step before replacing its payload
+        replaced = self._read_marker(step)  # one GET; a missing bucket fails here, early
+        name = self.PAYLOAD_NAME
+        if replaced is not None and replaced["payload"] == name:  # keep the committed payload until the new one is
+            name = f"state-{secrets.token_hex(4)}.pt"
+        payload_url = f"{step_url}/{name}"
         size, sha256 = self._write_payload(payload_url, state, sha256=True)
         marker = {
             "format": _FORMAT,
             "step": step,
-            "payload": self.PAYLOAD_NAME,
+            "payload": name,
             "size": size,
             "sha256": sha256,
             "created": time.time(),
             "torch": torch.__version__,
         }
-        self._commit(step, marker)
+        self._commit(step, marker, replaced)
         return payload_url
 
-    def _commit(self, step: int, marker: dict[str, Any]) -> None:
-        """Write the marker of ``step`` (its payload is complete), then the pointer, then apply retention."""
+    def _commit(self, step: int, marker: dict[str, Any], replaced: dict[str, Any] | None = None) -> None:
+        """Write the marker of ``step`` (its payload is complete), then the pointer, then delete the
+        payload of the ``replaced`` marker (a plain one), then apply retention."""
         marker_url = f"{self.step_url(step)}/{self.MARKER_NAME}"
         self.store.write_bytes(marker_url, json.dumps(marker, indent=1).encode())
         latest = {"format": _FORMAT, "step": step, "marker": f"{self.STEP_FORMAT.format(step)}/{self.MARKER_NAME}"}
         self.store.write_bytes(f"{self.url}/{self.LATEST_NAME}", json.dumps(latest).encode())
+        if replaced is not None and "kind" not in replaced and replaced["payload"] != marker["payload"]:
+            with contextlib.suppress(errors.ObjectNotFound):
+                self.store.delete(f"{self.step_url(step)}/{replaced['payload']}")
         if self.keep_last is not None:
             self._retain(step)
 

@@ -227,7 +227,8 @@ class CrashingStore(Store):
 
 
 def test_a_save_killed_between_any_two_writes_never_yields_a_partial_checkpoint(mem_root: str) -> None:
-    """Every prefix of a save's writes (payload, marker, pointer, retention deletes) leaves a loadable run."""
+    """Every prefix of a save's writes (payload, marker, pointer, the replaced payload's delete, retention
+    deletes) leaves a loadable run, and the step being replaced is never without a payload."""
     crash_at = 1
     for _ in range(100):
         run = f"{mem_root}/crash-{crash_at}"
@@ -244,16 +245,28 @@ def test_a_save_killed_between_any_two_writes_never_yields_a_partial_checkpoint(
             crashed = False
         state = healthy.load()
         step = state["data"]["epoch"]
-        assert (step, healthy.latest_step()) in ((40, 4), (4, 4), (3, 3)), f"crash at {crash_at}: step {step}"
+        assert (step, healthy.latest_step()) in ((40, 4), (4, 4)), f"crash at {crash_at}: step {step}"
         assert_state(state, step)
         for committed in healthy.steps():
             assert healthy.load(step=committed)["data"]["epoch"] in (committed, 40)
         if not crashed:
-            assert crash_at == 9, "uncommit, payload, marker, pointer, then 2 markers and 2 payloads deleted"
+            assert crash_at == 9, "payload, marker, pointer, replaced payload deleted, 2 markers and 2 payloads deleted"
             assert healthy.steps() == [3, 4] and step == 4
             return
         crash_at += 1
     pytest.fail("the save never completed")
+
+
+def test_a_failed_save_of_a_committed_step_leaves_it_as_it_was(mem_root: str) -> None:
+    ckpt = CheckpointStore(mem_root, keep_last=1, store=Store())
+    ckpt.save(state_for(7), step=7)
+    with pytest.raises(Exception, match="lambda"):
+        ckpt.save({**state_for(70), "fn": lambda: None}, step=7)  # torch.save cannot pickle it
+    assert ckpt.steps() == [7] and ckpt.uncommitted() == {}
+    assert_state(ckpt.load(), 7)
+    ckpt.save(state_for(70), step=7)  # replaced: the new payload beside the old, which goes after the marker
+    assert_state(ckpt.load(), 70)
+    assert list(ckpt.markers()) == [7] and len(Store().list(f"{mem_root}/step-000000007/")) == 2
 
 
 def test_raw_writer_and_reader_interoperate_with_plain_fsspec(run: str) -> None:
