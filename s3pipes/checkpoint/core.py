@@ -21,8 +21,9 @@ A step is *committed* once its marker exists. ``save`` publishes the payload (an
 appears whole or not at all), then the marker, then ``latest.json``, then applies
 retention; a process killed at any moment leaves at most an uncommitted step (a payload
 without a marker, ignored), a payload its step's marker does not name (a re-save's,
-ignored) or a stale pointer (``load`` falls back to the newest committed step). ``load`` checks the payload's size against the marker before reading
-it, and its sha256 as it streams into ``torch.load`` (:mod:`s3pipes.transfer`); a mismatch is a
+ignored) or a stale pointer (``load`` falls back to the newest committed step). ``load``
+checks the payload's size against the marker before reading it, and its sha256 as it
+streams into ``torch.load`` (:mod:`s3pipes.transfer`); a mismatch is a
 :class:`CorruptCheckpoint` whatever torch made of the bytes, so a partial or replaced
 payload is never returned. The digest is known only once the payload is read: a
 damaged payload is unpickled before it is refused, which with ``weights_only=False``

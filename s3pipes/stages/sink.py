@@ -37,10 +37,11 @@ class CheckpointSink(Stage[T]):
     """Yields its source's items unchanged and saves ``{**state(), "data": <position>}`` to ``store``.
 
     A save is due after every ``every``-th item (counted across epochs) and at the end of
-    each epoch. It happens when the *next* item is asked for (once it is pulled, so a save
-    at an epoch's end knows it; the position saved is from before), i.e. after the training
-    loop has finished with the item: ``state()`` then describes a
-    model trained on everything up to it, and ``"data"`` is the position right after it.
+    each epoch. It happens when the *next* item is asked for (or the source runs out), i.e.
+    after the training loop has finished with the item: ``state()`` then describes a model
+    trained on everything up to it, and ``"data"`` is the position right after it. (The next
+    item is pulled before the save, so that a save at an epoch's end says so; a failed save
+    keeps it for the next call, and the position stays the one before it.)
     The step of a save is the number of items yielded so far, across epochs; it is part of
     this stage's state, so it carries on after ``load_state_dict``, and from one pass of a
     ``Pipe`` to the next (also from a loaded state that ``set_epoch`` set aside for another
@@ -109,23 +110,35 @@ class CheckpointSink(Stage[T]):
         self.source.reset(initial_state[SOURCE_KEY] if initial_state is not None else None)
         self._step = int(initial_state[self.STEP_KEY]) if initial_state is not None else self.start
         self._saved = self._step  # a loaded (or starting) position needs no save of its own
+        self._held: tuple[T] | None = None  # the next item, pulled before a due save
+        self._before: StateDict = {}  # the position before it
 
     def next(self) -> T:
-        due = self._step != self._saved and self._step % self.every == 0
-        position = self.get_state() if due else None  # before the next item is pulled
-        try:
-            item: T = next(self.source)
-        except StopIteration:
-            if self._step != self._saved:
-                self._save(self.get_state(), ended=True)  # the save knows the epoch is over
-            raise
-        if position is not None:
-            self._save(position)
+        if self._step != self._saved and self._step % self.every == 0:
+            if self._held is None:  # pull the next item first: a save at the epoch's end says so
+                self._before = self.get_state()
+                try:
+                    self._held = (next(self.source),)
+                except StopIteration:
+                    self._save(self._before, ended=True)
+                    raise
+            self._save(self._before)  # if it fails, the item pulled stays held, the position before it
+        if self._held is not None:
+            (item,), self._held = self._held, None
+        else:
+            try:
+                item = next(self.source)
+            except StopIteration:
+                if self._step != self._saved:
+                    self._save(self.get_state(), ended=True)
+                raise
         self._step += 1
         self.items_out += 1
         return item
 
     def get_state(self) -> StateDict:
+        if self._held is not None:
+            return self._before
         return {SOURCE_KEY: self.source.state_dict(), self.STEP_KEY: self._step}
 
     @classmethod

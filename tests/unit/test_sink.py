@@ -142,6 +142,34 @@ def test_warns_once_when_load_would_refuse_the_position_and_not_otherwise(shards
     assert raw.load()["data"]["node"]["step"] == ITEMS
 
 
+def test_a_failed_save_loses_no_item_and_is_made_on_the_next_request(
+    shards: str, mem_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    everything: list[str] = []
+    train(key_pipe(shards, ckpt_store(mem_root, "uninterrupted")), range(1), everything)
+    ckpt = ckpt_store(mem_root)
+    real, calls = ckpt.save, [0]
+
+    def flaky(state: Any, **kwargs: Any) -> str:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise sp.StoreError(ckpt.url, "memory", "injected")
+        return real(state, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save", flaky)
+    pipe, got = key_pipe(shards, ckpt), []
+    items = iter(pipe)
+    with pytest.raises(sp.StoreError, match="injected"):
+        got.extend(items)
+    assert len(got) == 2 * EVERY and ckpt.steps() == [EVERY]
+    after_failure = pipe.state_dict()
+    assert got + list(items) == everything, "going on retries the save and yields the item pulled before it"
+    assert ckpt.steps() == [10, 20, 30, 35]
+    resumed = key_pipe(shards, ckpt_store(mem_root, "resumed"))
+    resumed.load_state_dict(after_failure)
+    assert got + list(resumed) == everything, "the state after the failure is the position before that item"
+
+
 def test_no_save_without_new_items(mem_root: str) -> None:
     ckpt = ckpt_store(mem_root)
     sink = CheckpointSink(IterableWrapper(range(4)), ckpt, every=2)
