@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -127,6 +128,38 @@ def test_checkpoint_load_from_a_stalled_store_times_out(
     proxy.set_rules([STALLS[where]("/run/")])
     assert_fails_fast(ckpt.load, run)  # names an object of the run (which one depends on where it stalled)
     assert proxy.faults["stall"] >= 1, proxy
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An endpoint that accepts connections and never answers (not even ``100 Continue``)."""
+    import socket
+
+    server, held = socket.create_server(("127.0.0.1", 0)), []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_writes_to_a_store_that_never_answers_time_out(silent_endpoint: str) -> None:
+    """botocore asks a PUT for ``100 Continue`` and aiohttp waited for it with no timeout: a
+    write_bytes (a checkpoint's marker, a manifest) hung forever, whatever the read timeout."""
+    store = Store({"endpoint_url": silent_endpoint, "key": "k", "secret": "s"}, connect_timeout=2, read_timeout=2)
+    assert_fails_fast(lambda: store.write_bytes("s3://data/marker.json", b"{}"), "s3://data/marker.json")
+    assert_fails_fast(lambda: CheckpointStore("s3://data/run", store=store).save({"w": 1}, step=1), "s3://data/run")
+    started = time.monotonic()  # through s3fs (botocore retries a stall: 3 attempts)
+    with pytest.raises(errors.StoreTimeout, match=r"x\.bin"), store.open("s3://data/x.bin", "wb") as file:
+        file.write(b"x")
+    assert time.monotonic() - started < 3 * READ_TIMEOUT + 10
 
 
 # -- DataLoader workers ----------------------------------------------------------------------
