@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import fsspec
 import fsspec.asyn
@@ -121,6 +121,8 @@ def _endpoint_from(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[
 
 def _without_userinfo(endpoint: str) -> str:
     """``http://user:pass@host:9000`` -> ``http://host:9000``: endpoints are shown, credentials not."""
+    if "://" not in endpoint:  # malformed, and shown in the error that says so
+        return endpoint.rpartition("@")[2]
     parts = urlsplit(endpoint)
     if "@" not in parts.netloc:
         return endpoint
@@ -130,9 +132,10 @@ def _without_userinfo(endpoint: str) -> str:
 def _check_endpoint(endpoint: str, source: str) -> None:
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        guess = f"http://{endpoint}" if "://" not in endpoint else None
+        shown = _without_userinfo(endpoint)
+        guess = f"http://{shown}" if "://" not in endpoint else None
         fix = f"; did you mean {guess!r}?" if guess else "; it must look like http://host:port"
-        raise errors.MalformedEndpoint(f"endpoint {endpoint!r} (from {source}) is not an http(s) URL with a host{fix}")
+        raise errors.MalformedEndpoint(f"endpoint {shown!r} (from {source}) is not an http(s) URL with a host{fix}")
 
 
 def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: tuple[float, float]) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     client_kwargs.pop("endpoint_url", None)
     if endpoint is not None:
         _check_endpoint(endpoint, source)
-        options["endpoint_url"] = endpoint
+        options["endpoint_url"] = _without_userinfo(endpoint)  # never sent on, nor logged by botocore
     for option, variable in (
         ("key", "AWS_ACCESS_KEY_ID"),
         ("secret", "AWS_SECRET_ACCESS_KEY"),
@@ -151,6 +154,9 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     ):
         if options.get(option) is None and env.get(variable):
             options[option] = env[variable]
+    parts = urlsplit(endpoint or "")
+    if parts.username and parts.password and options.get("key") is None and options.get("secret") is None:
+        options["key"], options["secret"] = unquote(parts.username), unquote(parts.password)  # http://key:secret@host
     region = client_kwargs.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region is None and endpoint is not None:
         region = "us-east-1"  # any region signs for a custom endpoint; botocore needs one
@@ -405,9 +411,10 @@ class Store:
         secrets: list[str] = []
         for options in (self._s3, self._explicit, self._s3.get("client_kwargs", {})):
             secrets += [str(options[name]) for name in _SECRET_OPTIONS if options.get(name)]
-        userinfo = urlsplit(str(self._s3.get("endpoint_url") or "")).password
+        endpoint, _ = _endpoint_from(self._explicit, {})  # as given: the store's own has no credentials
+        userinfo = urlsplit(endpoint or "").password
         if userinfo:
-            secrets.append(userinfo)
+            secrets += [userinfo, unquote(userinfo)]
         for secret in sorted(set(secrets), key=len, reverse=True):
             if len(secret) >= 4:
                 text = text.replace(secret, "***")

@@ -139,6 +139,23 @@ def test_endpoint_credentials_are_never_shown() -> None:
     assert store.redact("x p4ssw0rd-in-url s3cret-value y") == "x *** *** y"
 
 
+def test_endpoint_credentials_are_the_store_credentials_and_never_sent_on() -> None:
+    """botocore logged the endpoint whole at DEBUG, and aiohttp refused it next to a signature."""
+    store = Store({"endpoint_url": "http://AKIDINURL:p4ss%2Fw0rd@127.0.0.1:9000"})
+    assert (s3(store)["endpoint"], s3(store)["key"], s3(store)["secret"]) == (
+        "http://127.0.0.1:9000",
+        "AKIDINURL",
+        "p4ss/w0rd",
+    )
+    assert store.redact("a p4ss/w0rd b p4ss%2Fw0rd") == "a *** b ***"
+    given = Store({"endpoint_url": "http://user:ignored-pass@127.0.0.1:9000", "key": "k", "secret": "s3cret"})
+    assert (s3(given)["key"], s3(given)["secret"]) == ("k", "s3cret"), "explicit credentials win"
+    for endpoint in ("ftp://k:p4ssw0rd-in-url@host:9000", "k:p4ssw0rd-in-url@host:9000"):
+        with pytest.raises(MalformedEndpoint) as info:
+            Store({"endpoint_url": endpoint})
+        assert "p4ssw0rd-in-url" not in str(info.value)
+
+
 def test_repr_never_shows_the_secret() -> None:
     store = Store({"endpoint_url": ENDPOINT, "key": "AKIAEXAMPLEKEY", "secret": "very-secret-value"})
     assert "very-secret-value" not in repr(store)
