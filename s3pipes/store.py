@@ -87,7 +87,8 @@ _log = logging.getLogger(__name__)
 def load_env(path: str | os.PathLike[str] = ".env", *, override: bool = False) -> bool:
     """Read ``KEY=value`` lines from a ``.env`` file into ``os.environ``.
 
-    Variables already set in the environment win unless ``override=True``.
+    Variables already set in the environment win unless ``override=True``. Values are
+    taken literally: ``$`` in a secret stays ``$`` (no ``${VAR}`` expansion).
 
     Args:
         path: the file to read.
@@ -102,7 +103,7 @@ def load_env(path: str | os.PathLike[str] = ".env", *, override: bool = False) -
     """
     from dotenv import load_dotenv
 
-    return bool(load_dotenv(path, override=override))
+    return bool(load_dotenv(path, override=override, interpolate=False))
 
 
 def _endpoint_from(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str | None, str]:
@@ -260,12 +261,14 @@ class Store:
         Args:
             storage_options: as for :class:`Store`; these win over the environment.
             env_file: a ``.env`` file whose values fill in variables the process
-                environment does not set. Not read unless given.
+                environment does not set (taken literally, as :func:`load_env` does). Not
+                read unless given.
             connect_timeout: as for :class:`Store`.
             read_timeout: as for :class:`Store`.
 
         Raises:
             MalformedEndpoint: the endpoint has no http(s) scheme or no host.
+            ConfigError: ``env_file`` does not exist or cannot be read.
 
         Example:
             >>> Store.from_env({"endpoint_url": "http://127.0.0.1:9000", "key": "k", "secret": "s"})
@@ -275,7 +278,13 @@ class Store:
         if env_file is not None:
             from dotenv import dotenv_values
 
-            env.update({k: v for k, v in dotenv_values(env_file).items() if k in _AWS_VARIABLES and v is not None})
+            if not os.path.isfile(env_file):  # dotenv reads a missing file as an empty one
+                raise errors.ConfigError(f"env_file {os.fspath(env_file)!r}: no such file (cwd {os.getcwd()})")
+            try:
+                values = dotenv_values(env_file, interpolate=False)
+            except OSError as exc:
+                raise errors.ConfigError(f"env_file {os.fspath(env_file)!r}: cannot be read: {exc}") from None
+            env.update({k: v for k, v in values.items() if k in _AWS_VARIABLES and v is not None})
         env.update({k: os.environ[k] for k in _AWS_VARIABLES if k in os.environ})
         return cls(storage_options, connect_timeout=connect_timeout, read_timeout=read_timeout, _env=env)
 

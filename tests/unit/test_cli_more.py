@@ -230,3 +230,10 @@ def test_bench_passes_quick_and_the_arguments_after_dashes(
     assert main(["bench", "checkpoint", "--", "--no-such-option"]) == 2  # the benchmark's exit code
     _, err = capfd.readouterr()
     assert "unrecognized arguments: --no-such-option" in err
+
+
+def test_a_missing_env_file_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """dotenv reads a missing file as empty: the error was 'no credentials found', about AWS."""
+    assert main(["--env-file", str(tmp_path / "creds.env"), "ls", "s3://bucket/"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"env_file '{tmp_path / 'creds.env'}': no such file" in err

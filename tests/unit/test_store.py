@@ -113,6 +113,17 @@ def test_env_file_is_read_only_when_asked(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert s3(store)["key"] == "file-key"
 
 
+def test_a_missing_env_file_is_named_and_values_are_taken_literally(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with pytest.raises(s3pipes.ConfigError, match=r"env_file '.*nope\.env': no such file"):
+        Store.from_env(env_file=tmp_path / "nope.env")
+    monkeypatch.setenv("HOME", "/root")
+    (tmp_path / ".env").write_text("AWS_SECRET_ACCESS_KEY='SK$x${HOME}'\nAWS_ACCESS_KEY_ID=k$HOME\n")
+    store = Store.from_env(env_file=tmp_path / ".env")
+    assert (s3(store)["secret"], s3(store)["key"]) == ("SK$x${HOME}", "k$HOME"), "no ${VAR} expansion in a secret"
+
+
 def test_process_environment_wins_over_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("AWS_ENDPOINT_URL=http://from-file:1\n")
     monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
