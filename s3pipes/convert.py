@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from s3pipes import errors
 from s3pipes.errors import SourceError
+from s3pipes.index import is_own_file
 from s3pipes.pipe import sole_consumer
 from s3pipes.stages.group import split_key
 from s3pipes.store import Store
@@ -282,7 +283,7 @@ def _input_sizes(store: Store, inputs: str | Sequence[str], suffix: str) -> dict
     """``{url: size}`` of the inputs: a prefix's listing, or the given URLs (sized by one listing of their parent)."""
     if isinstance(inputs, str):
         listing = store.list_info(inputs, suffix=suffix)
-        return {url: int(info.get("size") or 0) for url, info in listing.items()}
+        return {url: int(info.get("size") or 0) for url, info in listing.items() if not is_own_file(url)}
     return {url: 0 for url in inputs if url.endswith(suffix)}  # unknown sizes: units are cut by count only
 
 

@@ -45,11 +45,19 @@ def _join(prefix: str, name: str) -> str:
     return prefix.rstrip("/") + "/" + name
 
 
+def is_own_file(url: str) -> bool:
+    """Whether ``url`` is one of s3pipes' own files (a manifest, an index, a conversion's records): never data."""
+    return url.endswith(".s3pipes.json")
+
+
+def no_objects(store: Store, prefix: str, suffix: str) -> ObjectNotFound:
+    """The error for a prefix with no data objects ending in ``suffix`` (a typo, most likely)."""
+    return ObjectNotFound(prefix, store.endpoint(prefix), f"no objects ending in {suffix!r} under this prefix")
+
+
 def _listing(store: Store, prefix: str, suffix: str) -> dict[str, dict[str, Any]]:
     """``{url: info}`` for every object under ``prefix`` ending in ``suffix``, our own files excluded."""
-    return {
-        url: info for url, info in store.list_info(prefix, suffix=suffix).items() if not url.endswith(".s3pipes.json")
-    }
+    return {url: info for url, info in store.list_info(prefix, suffix=suffix).items() if not is_own_file(url)}
 
 
 def _etag(info: dict[str, Any]) -> str:
@@ -57,8 +65,14 @@ def _etag(info: dict[str, Any]) -> str:
 
 
 def write_manifest(store: Store, prefix: str, *, suffix: str = "") -> str:
-    """List ``prefix`` once and write its manifest there; returns the manifest's URL."""
+    """List ``prefix`` once and write its manifest there; returns the manifest's URL.
+
+    Raises:
+        ObjectNotFound: no object under ``prefix`` ends in ``suffix`` (nothing is written).
+    """
     listing = _listing(store, prefix, suffix)
+    if not listing:
+        raise no_objects(store, prefix, suffix)
     base = prefix.rstrip("/") + "/"
     objects = [[url[len(base) :], int(info.get("size", 0)), _etag(info)] for url, info in listing.items()]
     url = _join(prefix, MANIFEST_NAME)

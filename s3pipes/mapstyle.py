@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from s3pipes._types import Sample
 from s3pipes.errors import DataError
-from s3pipes.index import ShardIndex, build_shard_index, read_manifest
+from s3pipes.index import ShardIndex, build_shard_index, is_own_file, no_objects, read_manifest
 from s3pipes.preview import Preview, peek_count
 from s3pipes.stages._tarparse import TarReader
 from s3pipes.stages.group import Places, add_field, locate, split_key
@@ -146,9 +146,11 @@ class MapDataset(Dataset[Item], Generic[Item]):
         store = store or Store.from_env()
         urls = read_manifest(store, prefix) if manifest else None
         if urls is None:
-            urls = [url for url in store.list(prefix, suffix=suffix) if not url.endswith(".s3pipes.json")]
+            urls = [url for url in store.list(prefix, suffix=suffix) if not is_own_file(url)]
         else:
             urls = [url for url in urls if url.endswith(suffix)]
+        if not urls:
+            raise no_objects(store, prefix, suffix)
         return cls(store, urls, transform=transform, concurrency=concurrency)
 
     @classmethod

@@ -24,7 +24,8 @@ from torchdata.nodes import BaseNode
 
 from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.checkpoint import CheckpointStore
-from s3pipes.errors import ConfigError, ObjectNotFound
+from s3pipes.errors import ConfigError
+from s3pipes.index import no_objects
 from s3pipes.preview import PipeStats, Preview, describe_pipe, step_label
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, check_on_error
 from s3pipes.stages.group import GroupByKey
@@ -696,7 +697,7 @@ def list_prefix(
     store = _store(store, storage_options)
     urls = store.list(prefix, suffix=suffix)
     if not urls:
-        raise ObjectNotFound(prefix, store.endpoint(prefix), f"no objects ending in {suffix!r} under this prefix")
+        raise no_objects(store, prefix, suffix)
     return Pipe(ShardPlan(tuple(urls)), store)
 
 

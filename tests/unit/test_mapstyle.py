@@ -76,6 +76,18 @@ def test_missing_object_names_its_url(objects: str) -> None:
         ds.__getitems__([0, 1])
 
 
+def test_a_prefix_without_objects_is_an_error_and_writes_no_manifest(objects: str) -> None:
+    """A typo in the prefix gave an empty dataset, or wrote a manifest under the wrong prefix."""
+    for call in (
+        lambda: MapDataset.from_prefix(f"{objects}/", suffix=".jpg"),
+        lambda: write_manifest(Store(), f"{objects}/", suffix=".jpg"),
+    ):
+        with pytest.raises(sp.ObjectNotFound, match=r"no objects ending in '\.jpg' under this prefix") as info:
+            call()
+        assert objects in str(info.value)
+    assert not Store().exists(f"{objects}/manifest.s3pipes.json")
+
+
 def test_manifest_opens_without_listing(objects: str) -> None:
     write_manifest(Store(), f"{objects}/", suffix=".png")
     Path(objects.removeprefix("file://"), "7", "00003.png").unlink()  # after the manifest: it is a snapshot

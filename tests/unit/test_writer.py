@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 import s3pipes as sp
-from s3pipes import ShardInfo, ShardWriter, SourceError, Store
-from s3pipes.convert import RECORDS, plan_units
+from s3pipes import ShardInfo, ShardWriter, SourceError, Store, index
+from s3pipes.convert import RECORDS, ObjectSamples, plan_units
 from s3pipes.writer import MANIFEST_NAME, manifest_url, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -569,6 +569,16 @@ def test_no_inputs_is_an_error_naming_the_prefix(raw: str, mem_root: str) -> Non
         sp.convert(RawSource(raw, Store()), f"{mem_root}/{PATTERN}", f"{raw}/", suffix=".jpg", store=Store())
     with pytest.raises(ValueError, match="no inputs to convert"):
         sp.convert(RawSource(raw, Store()), f"{mem_root}/{PATTERN}", [], store=Store())
+
+
+def test_our_own_files_under_the_source_prefix_are_not_inputs(raw: str, mem_root: str) -> None:
+    """`s3pipes index SRC` (as the README suggests) leaves manifest.s3pipes.json among the inputs."""
+    store = Store()
+    (Path(raw.removeprefix("file://")) / "README.txt").unlink()
+    index.write_manifest(store, f"{raw}/")
+    source = ObjectSamples(f"{raw}/", store=store)
+    result = sp.convert(source, f"{mem_root}/out/{PATTERN}", f"{raw}/", store=store)
+    assert result.samples == len(LABELS) * PER_LABEL
 
 
 def test_explicit_inputs_are_cut_by_count(raw: str, mem_root: str) -> None:
