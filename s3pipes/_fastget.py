@@ -42,6 +42,7 @@ from s3pipes._blockget import BlockGetter
 from s3pipes._http import ATTEMPTS, RETRY_STATUS, Client, Response, resume_headers
 from s3pipes._memory import anonymous_buffer
 from s3pipes._sigv4 import Signer
+from s3pipes.errors import NOT_S3_CODE
 
 __all__ = ["FastGetter"]
 
@@ -364,8 +365,10 @@ def _client_error(status: int, body: bytes, operation: str = "GetObject") -> Cli
     """The error botocore would have raised for this reply (HEAD-less, so the code is in the body)."""
     code = _CODE.search(body)
     message = _MESSAGE.search(body)
+    # S3 says why in its body, except to a HEAD
+    fallback = NOT_S3_CODE if code is None and body.strip() and 400 <= status < 500 else str(status)
     error = {
-        "Code": code.group(1).decode() if code else str(status),
+        "Code": code.group(1).decode() if code else fallback,
         "Message": message.group(1).decode() if message else "",
     }
     return ClientError({"Error": error, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)

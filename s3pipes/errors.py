@@ -20,7 +20,8 @@ the builtin a caller would catch without knowing s3pipes, so
     │   ├── EndpointError(ConnectionError)
     │   │   ├── EndpointUnreachable     nothing listening, DNS failure, TLS failure
     │   │   ├── ConnectionDropped       the endpoint closed or reset the connection mid-request
-    │   │   └── StoreTimeout            connected, but the store stopped answering
+    │   │   ├── StoreTimeout            connected, but the store stopped answering
+    │   │   └── EndpointNotS3           it answers HTTP, but not as S3 (an error page, another service)
     │   └── StoreRequestError(OSError)  any other failure, with the backend's words
     ├── DataError(ValueError)           the bytes are not what the pipeline expects
     │   ├── CorruptShard                not a readable tar stream (names shard and byte offset)
@@ -63,6 +64,7 @@ __all__ = [
     "DecodeError",
     "DuplicateField",
     "EndpointError",
+    "EndpointNotS3",
     "EndpointUnreachable",
     "ExpiredCredentials",
     "InvalidURL",
@@ -334,6 +336,19 @@ class StoreTimeout(EndpointError):
     default_hint = "The store is overloaded or stalled; raise read_timeout or retry later"
 
 
+class EndpointNotS3(EndpointError):
+    """The endpoint answers HTTP, but a request S3 answers with an error code got none (an HTML page)."""
+
+    default_hint = (
+        "Check the endpoint URL and port (AWS_ENDPOINT_URL / endpoint_url): it may be another service, "
+        "e.g. a web console or a proxy's error page"
+    )
+
+
+NOT_S3_CODE = "s3pipes.NotS3"
+"""The error code given to a reply whose body has no S3 error code (S3 always sends one, but to HEAD)."""
+
+
 class StoreRequestError(StoreError, OSError):
     """A store failure that none of the specific errors describe."""
 
@@ -358,6 +373,7 @@ _CODE_TO_ERROR: dict[str, type[S3PipesError]] = {
     "PermanentRedirect": WrongRegion,
     "IllegalLocationConstraintException": WrongRegion,
     "301": WrongRegion,
+    NOT_S3_CODE: EndpointNotS3,
     "InvalidBucketName": InvalidURL,
     "RequestTimeout": StoreTimeout,
 }
@@ -399,8 +415,16 @@ def _error_code(exc: BaseException) -> str | None:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         code = response.get("Error", {}).get("Code")
+        if code == "" and str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))[:1] == "4":
+            return NOT_S3_CODE  # botocore found no code in the body: S3's always has one (a HEAD's has none: "404")
         return str(code) if code else None
     return None
+
+
+def _status(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+    return str(status) if status else "an error"
 
 
 def _mro_names(exc: BaseException) -> set[str]:
@@ -443,12 +467,13 @@ def _detail(cls: type[S3PipesError], link: BaseException) -> str:
         EndpointUnreachable: "endpoint unreachable",
         ConnectionDropped: "the endpoint closed the connection before answering",
         StoreTimeout: "the store did not answer in time",
+        EndpointNotS3: f"the endpoint answered HTTP {_status(link)} without an S3 error code: it does not look like S3",
         WrongRegion: "the bucket is in another region than requests are signed for",
     }.get(cls, "")
     if cls is WrongRegion:
         message = getattr(link, "response", {}).get("Error", {}).get("Message", "")
         text = f"{text} ({message})" if message else text
-    if code and code not in {"404", "403", "301"} and text:
+    if code and code not in {"404", "403", "301", NOT_S3_CODE} and text:
         text = f"{text} [{code}]"
     return text or f"{type(link).__name__}: {link}"
 
@@ -498,6 +523,8 @@ def translate(
         code = _error_code(refined[1]) if refined is not None else None
         if refined is not None and code is not None and not code.isdigit():
             found = refined
+        elif refined is not None and code is not None and found is not None and code.isdigit() and code[0] == "4":
+            found = EndpointNotS3, refined[1]  # the probe is a listing: S3 always says why it refuses one
     tries = _attempts(exc)
     if found is None:
         code = next((c for c in map(_error_code, _chain(exc)) if c), None)  # the store's word, if it said one

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -105,6 +105,50 @@ def test_nothing_listening(op: str) -> None:
     url = "s3://bucket/object.bin"
     err = expect(s3pipes.EndpointUnreachable, ConnectionError, operations(store, url)[op], url, endpoint)
     assert "refused" in str(err)
+
+
+@pytest.fixture(scope="module")
+def web_page_endpoint() -> Iterator[str]:
+    """An HTTP server that is not S3: every request gets an HTML 404 page (a console port, a wrong service)."""
+    import http.server
+    import threading
+
+    class NotFoundPage(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            body = b"<html><body><h1>404 Not Found</h1></body></html>"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("op", ["list", "read", "open", "info", "exists", "write", "pipe"])
+def test_an_endpoint_that_is_not_s3_is_named_so(web_page_endpoint: str, op: str) -> None:
+    """It answered 404 to everything, which read as "object does not exist" (and exists() False)."""
+    store = Store({"endpoint_url": web_page_endpoint, "key": "k", "secret": "s"})
+    url = "s3://bucket/train/object.bin"
+    calls = {
+        **operations(store, url),
+        "info": lambda: store.info(url),
+        "exists": lambda: store.exists(url),
+        "write": lambda: store.write_bytes(url, b"x"),
+        "pipe": lambda: s3pipes.webdataset("s3://bucket/train/", store=store),
+    }
+    err = expect(s3pipes.EndpointNotS3, ConnectionError, calls[op], "s3://bucket/train/", web_page_endpoint)
+    assert "HTTP 404 without an S3 error code" in str(err)
 
 
 def test_malformed_endpoint_from_environment(monkeypatch: pytest.MonkeyPatch, s3_server: LocalS3Server) -> None:
