@@ -14,12 +14,14 @@ Two JSON files, written next to the data by ``s3pipes index URL`` (or the functi
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from s3pipes import errors
 from s3pipes.errors import DataError, ObjectNotFound, StaleIndex
 from s3pipes.stages._tarparse import TarReader
 from s3pipes.stages.group import split_key
@@ -35,6 +37,8 @@ __all__ = [
     "read_manifest",
     "write_manifest",
 ]
+
+_log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.s3pipes.json"
 INDEX_NAME = "index.s3pipes.json"
@@ -94,10 +98,20 @@ def _read_document(store: Store, url: str, kind: str) -> dict[str, Any] | None:
     return body
 
 
-def read_manifest(store: Store, prefix: str) -> list[str] | None:
-    """Object URLs from the manifest under ``prefix`` (one GET), or None if there is none."""
+def read_manifest(store: Store, prefix: str, *, suffix: str = "") -> list[str] | None:
+    """Object URLs ending in ``suffix`` from the manifest under ``prefix`` (one GET), or None if
+    there is none, or if it was written for other objects (a suffix that ``suffix`` does not end in).
+    """
     body = _read_document(store, _join(prefix, MANIFEST_NAME), "objects")
-    return None if body is None else [_join(prefix, name) for name, _, _ in body["objects"]]
+    if body is None:
+        return None
+    covers = str(body.get("suffix", ""))
+    if not suffix.endswith(covers):
+        _log.info(
+            "%s lists objects ending in %r, not %r: listing instead", _join(prefix, MANIFEST_NAME), covers, suffix
+        )
+        return None
+    return [_join(prefix, name) for name, _, _ in body["objects"] if name.endswith(suffix)]
 
 
 @dataclass(frozen=True)
@@ -107,30 +121,37 @@ class ShardIndex:
     shards: tuple[str, ...]
     samples: tuple[tuple[int, str, int, int], ...]
 
-    def to_json(self, prefix: str, listing: dict[str, dict[str, Any]]) -> bytes:
+    def to_json(self, prefix: str, listing: dict[str, dict[str, Any]], *, suffix: str = ".tar") -> bytes:
         base = prefix.rstrip("/") + "/"
+        per_shard: list[list[list[Any]]] = [[] for _ in self.shards]
+        for shard, key, start, end in self.samples:  # one pass: a scan per shard was quadratic
+            per_shard[shard].append([key, start, end])
         shards = [
             {
                 "name": url[len(base) :],
                 "size": int(listing[url].get("size", 0)),
                 "etag": _etag(listing[url]),
-                "samples": [[key, start, end] for shard, key, start, end in self.samples if shard == number],
+                "samples": samples,
             }
-            for number, url in enumerate(self.shards)
+            for url, samples in zip(self.shards, per_shard, strict=True)
         ]
-        return json.dumps({"version": _VERSION, "kind": "shards", "created": time.time(), "shards": shards}).encode()
+        body = {"version": _VERSION, "kind": "shards", "suffix": suffix, "created": time.time(), "shards": shards}
+        return json.dumps(body).encode()
 
     @classmethod
     def load(cls, store: Store, prefix: str, *, suffix: str = ".tar") -> ShardIndex | None:
         """The index under ``prefix`` (one GET plus one listing), or None if there is none.
 
         Raises:
-            StaleIndex: a shard's size or ETag differs from the index's (names the shard).
+            StaleIndex: a shard's size or ETag differs from the index's, a shard is gone, or a
+                shard ending in ``suffix`` is not in it (written since, or the index is of other
+                shards); names the shard.
         """
         url = _join(prefix, INDEX_NAME)
         body = _read_document(store, url, "shards")
         if body is None:
             return None
+        rebuild = f"rebuild it: s3pipes index {prefix} --shards --suffix {suffix}"
         listing = _listing(store, prefix, suffix)
         shards, samples = [], []
         for number, entry in enumerate(body["shards"]):
@@ -138,9 +159,17 @@ class ShardIndex:
             now = listing.get(shard)
             if now is None or int(now.get("size", -1)) != entry["size"] or _etag(now) != entry["etag"]:
                 change = "is gone" if now is None else "changed (size or ETag differs)"
-                raise StaleIndex(shard, f"shard {change} since {url} was written; rebuild it: s3pipes index {prefix}")
+                raise StaleIndex(shard, f"shard {change} since {url} was written; {rebuild}")
             shards.append(shard)
             samples += [(number, key, start, end) for key, start, end in entry["samples"]]
+        missing = sorted(set(listing) - set(shards))
+        if missing:
+            built_for = f"shards ending in {body['suffix']!r}" if "suffix" in body else "other shards"
+            raise StaleIndex(
+                missing[0],
+                f"shard not in {url} ({len(missing)} such; the index was written for {built_for} "
+                f"before these existed, or for other shards); {rebuild}",
+            )
         return cls(tuple(shards), tuple(samples))
 
 
@@ -164,7 +193,7 @@ def _scan(store: Store, url: str, number: int) -> list[tuple[int, str, int, int]
 
 
 def build_shard_index(
-    store: Store, prefix: str, *, suffix: str = ".tar", write: bool = True, threads: int = 4
+    store: Store, prefix: str, *, suffix: str = ".tar", write: bool | Literal["if-allowed"] = True, threads: int = 4
 ) -> ShardIndex:
     """Read every shard under ``prefix`` once and index its samples; write the index there.
 
@@ -172,7 +201,9 @@ def build_shard_index(
         store: where the shards are.
         prefix: the shards' prefix.
         suffix: shard names end in this.
-        write: store the index as ``index.s3pipes.json`` under the prefix.
+        write: store the index as ``index.s3pipes.json`` under the prefix; ``"if-allowed"``:
+            unless the credentials may not write there (read-only training credentials), which
+            is logged as a warning and leaves the index in memory only.
         threads: shards read at once.
     """
     listing = _listing(store, prefix, suffix)
@@ -185,5 +216,10 @@ def build_shard_index(
         )
     index = ShardIndex(shards, tuple(sample for samples in per_shard for sample in samples))
     if write:
-        store.write_bytes(_join(prefix, INDEX_NAME), index.to_json(prefix, listing))
+        try:
+            store.write_bytes(_join(prefix, INDEX_NAME), index.to_json(prefix, listing, suffix=suffix))
+        except errors.AuthError as exc:
+            if write != "if-allowed":
+                raise
+            _log.warning("%s; the index is kept in memory only (save it once with `s3pipes index`)", exc)
     return index

@@ -16,10 +16,10 @@ from fsspec.utils import merge_offset_ranges
 from torch.utils.data import Dataset
 
 from s3pipes._types import Sample
-from s3pipes.errors import DataError
+from s3pipes.errors import DataError, StaleIndex
 from s3pipes.index import ShardIndex, build_shard_index, is_own_file, no_objects, read_manifest
 from s3pipes.preview import Preview, peek_count
-from s3pipes.stages._tarparse import TarReader
+from s3pipes.stages._tarparse import TarFormatError, TarReader
 from s3pipes.stages.group import Places, add_field, locate, split_key
 from s3pipes.store import Store
 
@@ -54,6 +54,11 @@ class ObjectReader(io.BytesIO):
 
     def __repr__(self) -> str:
         return f"ObjectReader({self.url!r}, {len(self.getbuffer())} bytes)"
+
+
+def _as_is(sample: Sample) -> Sample:
+    """``from_shards``' default transform: the sample dict unchanged (a function, so datasets pickle)."""
+    return sample
 
 
 def _read_all(reader: ObjectReader) -> bytes:
@@ -144,11 +149,9 @@ class MapDataset(Dataset[Item], Generic[Item]):
             (2, b'a/1.png', b'b/2.png')
         """
         store = store or Store.from_env()
-        urls = read_manifest(store, prefix) if manifest else None
+        urls = read_manifest(store, prefix, suffix=suffix) if manifest else None
         if urls is None:
             urls = [url for url in store.list(prefix, suffix=suffix) if not is_own_file(url)]
-        else:
-            urls = [url for url in urls if url.endswith(suffix)]
         if not urls:
             raise no_objects(store, prefix, suffix)
         return cls(store, urls, transform=transform, concurrency=concurrency)
@@ -159,7 +162,7 @@ class MapDataset(Dataset[Item], Generic[Item]):
         prefix: str,
         *,
         suffix: str = ".tar",
-        transform: Callable[[Sample], Item] = lambda sample: sample,  # type: ignore[assignment, return-value]
+        transform: Callable[[Sample], Item] = _as_is,  # type: ignore[assignment]
         store: Store | None = None,
         build_index: bool = True,
         concurrency: int = DEFAULT_CONCURRENCY,
@@ -167,10 +170,12 @@ class MapDataset(Dataset[Item], Generic[Item]):
         """One item per sample inside the tar shards under ``prefix``, as the streaming pipeline gives it.
 
         Uses ``index.s3pipes.json`` under the prefix; without one, builds it (reading every
-        shard once) and writes it there, unless ``build_index=False``.
+        shard once) and writes it there (unless ``build_index=False``; credentials that may
+        not write keep it in memory, with a warning).
 
         Raises:
-            StaleIndex: a shard changed since the index was written.
+            StaleIndex: a shard changed since the index was written, or is not in it; or, when
+                read, a sample is no longer where the index says.
 
         Example:
             >>> import io, webdataset as wds
@@ -189,7 +194,7 @@ class MapDataset(Dataset[Item], Generic[Item]):
         if index is None:
             if not build_index:
                 raise FileNotFoundError(f"no index.s3pipes.json under {prefix}: run `s3pipes index {prefix}`")
-            index = build_shard_index(store, prefix, suffix=suffix)
+            index = build_shard_index(store, prefix, suffix=suffix, write="if-allowed")
         return cls(store, index.shards, transform=transform, shards=index, concurrency=concurrency)
 
     # -- access -------------------------------------------------------------------------------
@@ -235,10 +240,12 @@ class MapDataset(Dataset[Item], Generic[Item]):
             urls, [s for _, _, s, _ in wanted], [e for _, _, _, e in wanted], max_gap=_MAX_GAP, sort=True
         )
         blobs = self._store.read_ranges(merged_urls, starts, ends, concurrency=self._concurrency)
-        fetched = list(zip(merged_urls, starts, ends, blobs, strict=True))
+        fetched: dict[str, list[tuple[int, int, bytes]]] = {}
+        for url, start, end, blob in zip(merged_urls, starts, ends, blobs, strict=True):
+            fetched.setdefault(url, []).append((start, end, blob))
         out = []
         for url, (_, key, start, end) in zip(urls, wanted, strict=True):
-            blob_start, blob = next((s, b) for u, s, e, b in fetched if u == url and s <= start and end <= e)
+            blob_start, blob = next((s, b) for s, e, b in fetched[url] if s <= start and end <= e)
             out.append(_parse_sample(url, key, start, blob[start - blob_start : end - blob_start]))
         return out
 
@@ -268,13 +275,33 @@ class MapDataset(Dataset[Item], Generic[Item]):
 
 
 def _parse_sample(url: str, key: str, start: int, data: bytes) -> tuple[Sample, Places]:
-    """The sample dict of one sample's members, exactly as GroupByKey builds it, and its fields' places."""
+    """The sample dict of one sample's members, exactly as GroupByKey builds it, and its fields' places.
+
+    Raises:
+        StaleIndex: the bytes the index points at are not sample ``key`` (the shard was
+            rewritten after the dataset was opened, or unnoticed by its size and ETag).
+    """
     reader = TarReader(io.BytesIO(data).read, start)
     sample: Sample = {"__key__": key, "__url__": url}
     places: Places = {}
-    while (member := reader.next()) is not None:
+    stale = f"the index says sample {key!r} is at byte offset {start}"
+    while True:
+        try:
+            member = reader.next()
+        except TarFormatError as exc:
+            raise StaleIndex(url, f"{stale}, but the bytes there are no tar member ({exc}): the shard changed "
+                             "since the index was written; rebuild it", offset=exc.offset) from exc  # fmt: skip
+        if member is None:
+            break
         parts = split_key(member.name)
-        if parts is not None:
-            add_field(sample, parts[1], member.data, member=member.name, offset=member.offset)
-            places[parts[1]] = (member.name, member.offset)
+        if parts is None:
+            continue
+        if parts[0] != key:
+            raise StaleIndex(url, f"{stale}, but member {member.name!r} is there: the shard changed since "
+                             "the index was written; rebuild it", offset=member.offset)  # fmt: skip
+        add_field(sample, parts[1], member.data, member=member.name, offset=member.offset)
+        places[parts[1]] = (member.name, member.offset)
+    if not places:
+        raise StaleIndex(url, f"{stale}, but no member of it is there: the shard changed since the index was "
+                         "written; rebuild it", offset=start)  # fmt: skip
     return sample, places

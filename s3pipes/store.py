@@ -688,10 +688,11 @@ class Store:
                 }  # writes in flight
         # Spell results like the prefix was spelled ("memory://x" not "memory:///x").
         root, base = path.rstrip("/"), prefix.rstrip("/")
+        folders = _folders(found)
         return {
             base + name[len(root) :]: dict(info)
             for name, info in sorted(found.items())
-            if name.endswith(suffix) and name.startswith(root)
+            if name.endswith(suffix) and name.startswith(root) and name not in folders
         }
 
     @staticmethod
@@ -789,6 +790,21 @@ def _parse_timestamp(value: Any) -> datetime.datetime:
 
     fallback: datetime.datetime = parse_timestamp(value)
     return fallback
+
+
+def _folders(found: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The "folders" among listed names: zero-byte keys ending in "/" (the AWS console's "Create
+    folder"), or that other keys are under (SeaweedFS lists such a key without its "/")."""
+    empty = [name for name, info in found.items() if not info.get("size")]
+    if not empty:
+        return set()
+    parents: set[str] = set()
+    for name in found:
+        cut = name.rfind("/")
+        while cut > 0 and name[:cut] not in parents:  # up to a parent seen already: linear overall
+            parents.add(name[:cut])
+            cut = name.rfind("/", 0, cut)
+    return {name for name in empty if name.endswith("/") or name in parents}
 
 
 def _fast_session() -> Any:

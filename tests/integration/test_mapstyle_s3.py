@@ -60,3 +60,26 @@ def test_shard_samples_match_the_stream_and_a_rewrite_is_stale(s3_store: Store, 
     s3_store.write_bytes(f"{s3_root}/shards/shard-001.tar", b"")  # rewritten after indexing
     with pytest.raises(sp.StaleIndex, match=r"shard-001\.tar"):
         MapDataset.from_shards(f"{s3_root}/shards/", store=s3_store)
+
+
+def test_folder_objects_are_not_items(s3_store: Store, s3_root: str) -> None:
+    """Zero-byte keys ending in "/" (the AWS console's "Create folder") were listed as items that 404."""
+    for key in ("objects/", "objects/3/"):
+        s3_store.write_bytes(f"{s3_root}/{key}", b"")
+    for n in range(2):
+        s3_store.write_bytes(f"{s3_root}/objects/3/{n}.png", b"png %d" % n)
+    ds = MapDataset.from_prefix(f"{s3_root}/objects/", store=s3_store)
+    assert ds.__getitems__([0, 1]) == [b"png 0", b"png 1"] and len(ds) == 2
+
+
+def test_read_only_credentials_get_an_index_in_memory(
+    s3_server: LocalS3Server, s3_store: Store, s3_root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Training often runs with read-only credentials: the index is built, kept, and not saved."""
+    write_shards(f"{s3_root}/ro", shards=2, per_shard=3, store=s3_store)
+    reader = Store(s3_server.readonly_storage_options)
+    with caplog.at_level("WARNING", logger="s3pipes"):
+        ds = MapDataset.from_shards(f"{s3_root}/ro/", store=reader)
+    assert len(ds) == 6 and ds[4]["__key__"] == "sample0004"
+    assert "index.s3pipes.json" in caplog.text and "kept in memory" in caplog.text
+    assert not s3_store.exists(f"{s3_root}/ro/index.s3pipes.json")

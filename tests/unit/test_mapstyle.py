@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 import s3pipes as sp
 from s3pipes import MapDataset, ObjectReader, Store
 from s3pipes.index import INDEX_NAME, build_shard_index, write_manifest
 from tests.contract import assert_disjoint_cover
-from tests.unit.test_pipe import write_shards
+from tests.unit.test_pipe import png, write_shards
 
 
 class CountingStore(Store):
@@ -130,6 +132,42 @@ def test_from_shards_writes_and_reuses_the_index(shards: str) -> None:
     index = json.loads(Store().read_bytes(f"{shards}/{INDEX_NAME}"))
     assert [len(shard["samples"]) for shard in index["shards"]] == [6, 6, 6]
     assert len(MapDataset.from_shards(f"{shards}/", build_index=False)) == 18
+
+
+def test_a_shard_dataset_pickles_for_spawned_workers(shards: str) -> None:
+    ds = MapDataset.from_shards(f"{shards}/")  # its default transform was a lambda
+    again = pickle.loads(pickle.dumps(ds))
+    assert again[5] == ds[5]
+
+
+def test_a_manifest_or_index_of_other_objects_is_not_taken_for_these(objects: str, shards: str) -> None:
+    """A manifest written for .png does not answer for every object; an index missing shards is stale."""
+    write_manifest(Store(), f"{objects}/", suffix=".png")
+    assert len(MapDataset.from_prefix(f"{objects}/")) == 13, "listed: 12 png and the README"
+    assert len(MapDataset.from_prefix(f"{objects}/", suffix=".txt")) == 1
+    assert len(MapDataset.from_prefix(f"{objects}/", suffix=".png")) == 12
+    MapDataset.from_shards(f"{shards}/")
+    write_shards(f"{shards}/later", shards=1, per_shard=2)  # a conversion still writing, say
+    with pytest.raises(sp.StaleIndex, match=r"later/shard-000\.tar.*shard not in .*index\.s3pipes\.json"):
+        MapDataset.from_shards(f"{shards}/")
+
+
+@pytest.mark.parametrize("change", ["other samples", "shorter", "moved"])
+def test_a_shard_rewritten_after_the_dataset_opened_is_a_stale_index(shards: str, change: str) -> None:
+    """Same size and layout (or an unnoticed change): another sample's fields came back under this key."""
+    ds = MapDataset.from_shards(f"{shards}/")
+    path = Path(shards.removeprefix("file://"), "shard-001.tar")
+    if change == "other samples":  # the same layout byte for byte, other keys
+        with Store().open(f"file://{path}", "wb") as f, webdataset.TarWriter(f) as writer:
+            for n in range(6, 12):
+                writer.write({"__key__": f"other{n:05d}", "png": png(n), "cls": str(n % 3).encode(),
+                              "json": b'{"n": %d}' % n})  # fmt: skip
+    elif change == "shorter":
+        path.write_bytes(path.read_bytes()[:2048])
+    else:
+        path.write_bytes(bytes(512) * 7 + path.read_bytes())
+    with pytest.raises(sp.StaleIndex, match=r"shard-001\.tar.*the shard changed since the index was written"):
+        ds[8]
 
 
 def test_neighbouring_samples_are_fetched_in_one_request(shards: str) -> None:
