@@ -336,7 +336,7 @@ class FastGetter:
                     raise
             else:
                 if status not in RETRY_STATUS or attempt == ATTEMPTS:
-                    error = _client_error(status, body)
+                    error = _client_error(status, body, _OPERATIONS.get(method, method))
                     error.s3pipes_attempts = attempt  # read by errors.translate
                     raise error
             await asyncio.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # full jitter, capped
@@ -359,6 +359,10 @@ def _close(client: Client, loop: asyncio.AbstractEventLoop, pid: int) -> None:
         return
     with contextlib.suppress(RuntimeError):  # the loop closed in between
         loop.call_soon_threadsafe(client.close)
+
+
+_OPERATIONS = {"GET": "GetObject", "HEAD": "HeadObject", "PUT": "PutObject", "POST": "PostObject"}
+"""The S3 operation an HTTP method stands for in error messages (a listing is a GET too)."""
 
 
 def _client_error(status: int, body: bytes, operation: str = "GetObject") -> ClientError:

@@ -25,7 +25,7 @@ from torchdata.nodes import BaseNode
 from s3pipes._types import Sample, StateDict, T, U
 from s3pipes.checkpoint import CheckpointStore
 from s3pipes.errors import ConfigError
-from s3pipes.index import no_objects
+from s3pipes.index import is_own_file, no_objects
 from s3pipes.preview import PipeStats, Preview, describe_pipe, step_label
 from s3pipes.stages.base import SKIPPED_KEY, SOURCE_KEY, OnError, check_on_error
 from s3pipes.stages.group import GroupByKey
@@ -108,6 +108,7 @@ class Pipe(IterableDataset[T], Generic[T]):
         self._live: _PipeIterator[T] | None = None
         # a loaded state set aside for another epoch: the next pass's checkpoint() steps go on from it
         self._carried: StateDict | None = None
+        self._epoch_chosen = False  # set_epoch was called since the last pass began
         self._fingerprint: tuple[str | None] | None = None  # spec_fingerprint(), once computed
 
     # -- planning (before any stage) -------------------------------------------------------
@@ -495,9 +496,11 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> [url[-5:] for url in pipe]
             ['4.tar', '3.tar', '0.tar', '1.tar', '2.tar']
         """
-        self._epoch = int(epoch)
+        self._epoch, self._epoch_chosen = int(epoch), True
         if self._pending is not None and self._pending["epoch"] != self._epoch:
             self._carried, self._pending = self._pending, None
+        elif self._pending is None and self._carried is not None and self._carried["epoch"] == self._epoch:
+            self._carried, self._pending = None, self._carried  # set aside, and its epoch is chosen again
 
     def state_dict(self) -> StateDict:
         """The position after the last item yielded (or the loaded one, before iterating; or the
@@ -549,10 +552,11 @@ class Pipe(IterableDataset[T], Generic[T]):
                 "the shard list, the shard seed or the stages differ (pipe.to_spec() shows this one). Resume "
                 "with the pipeline that saved it, e.g. s3pipes.from_spec() of the spec saved with the run"
             )
-        if _passed(state, self._epoch):
+        if self._epoch_chosen and _passed(state, self._epoch):
             # StatefulDataLoader (num_workers=0) loads the dataset's state at iter(), after the
             # training loop's set_epoch(next epoch): a state whose epoch has ended has nothing
-            # left for this pipe, which keeps its epoch (and its checkpoint() steps go on)
+            # left for this pipe, which keeps the epoch chosen (and its checkpoint() steps go on).
+            # Without a set_epoch since the last pass, a load goes back to that state (a rollback).
             self._carried, self._pending = dict(state), None
             return
         self._pending = dict(state)
@@ -600,7 +604,8 @@ class Pipe(IterableDataset[T], Generic[T]):
         if self._pending is not None:
             iterator.load_state_dict(self._pending)
             self._pending = None
-        self._live, self._carried = iterator, None
+        iterator.set_aside = self._carried  # StatefulDataLoader then loads it into the iterator: ignored too
+        self._live, self._carried, self._epoch_chosen = iterator, None, False
         return iterator
 
     def __getstate__(self) -> dict[str, Any]:
@@ -638,6 +643,7 @@ class _PipeIterator(Iterator[T], Generic[T]):
         self.node = pipe._build(consumer)
         self.node.reset()
         self._applied: StateDict | None = None  # the state loaded, until an item is taken
+        self.set_aside: StateDict | None = None  # a state the pipe set aside for an earlier epoch
         self._ended = False  # the pass ran out (or the loaded state's had)
 
     def __next__(self) -> T:
@@ -660,7 +666,7 @@ class _PipeIterator(Iterator[T], Generic[T]):
                 f"this state was saved by {saved} but is being loaded by {self._consumer}: "
                 "resume with the same world size and number of DataLoader workers"
             )
-        if state == self._applied or _passed(state, self.epoch):
+        if state == self._applied or (self.set_aside is not None and state == self.set_aside):
             return  # StatefulDataLoader restores the dataset and then its iterator: one reopen is enough
         self.node = self._pipe._build(self._consumer)
         self.node.reset(state["node"])
@@ -695,7 +701,7 @@ def list_prefix(
         'memory://doc-lp/shard-2.tar'
     """
     store = _store(store, storage_options)
-    urls = store.list(prefix, suffix=suffix)
+    urls = [url for url in store.list(prefix, suffix=suffix) if not is_own_file(url)]
     if not urls:
         raise no_objects(store, prefix, suffix)
     return Pipe(ShardPlan(tuple(urls)), store)

@@ -37,8 +37,9 @@ import io
 import logging
 import os
 import random
+import secrets
 import socket
-import tempfile
+import stat
 import threading
 import time
 import weakref
@@ -148,6 +149,11 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     if endpoint is not None:
         _check_endpoint(endpoint, source)
         options["endpoint_url"] = _without_userinfo(endpoint)  # never sent on, nor logged by botocore
+    parts = urlsplit(endpoint or "")  # http://key:secret@host: credentials as the endpoint's source gives them
+    in_url = (unquote(parts.username), unquote(parts.password)) if parts.username and parts.password else None
+    given = options.get("key") is not None or options.get("secret") is not None
+    if in_url is not None and not given and not source.startswith("AWS_"):  # storage_options win over the env
+        options["key"], options["secret"] = in_url
     for option, variable in (
         ("key", "AWS_ACCESS_KEY_ID"),
         ("secret", "AWS_SECRET_ACCESS_KEY"),
@@ -155,9 +161,8 @@ def _s3_options(explicit: Mapping[str, Any], env: Mapping[str, str], timeouts: t
     ):
         if options.get(option) is None and env.get(variable):
             options[option] = env[variable]
-    parts = urlsplit(endpoint or "")
-    if parts.username and parts.password and options.get("key") is None and options.get("secret") is None:
-        options["key"], options["secret"] = unquote(parts.username), unquote(parts.password)  # http://key:secret@host
+    if in_url is not None and options.get("key") is None and options.get("secret") is None:
+        options["key"], options["secret"] = in_url
     region = client_kwargs.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region is None and endpoint is not None:
         region = "us-east-1"  # any region signs for a custom endpoint; botocore needs one
@@ -278,7 +283,7 @@ class Store:
         if env_file is not None:
             from dotenv import dotenv_values
 
-            if not os.path.isfile(env_file):  # dotenv reads a missing file as an empty one
+            if not os.path.exists(env_file):  # dotenv reads a missing file as an empty one (a pipe is fine)
                 raise errors.ConfigError(f"env_file {os.fspath(env_file)!r}: no such file (cwd {os.getcwd()})")
             try:
                 values = dotenv_values(env_file, interpolate=False)
@@ -603,6 +608,8 @@ class Store:
             >>> store.read_bytes("memory://doc-write-bytes/a")
             b'second'
         """
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"write_bytes({url!r}) takes bytes, not {type(data).__name__}")
         fs, path = self.resolve(url)
         getter = self._fast_getter(url)
         with self.errors(url):
@@ -965,8 +972,28 @@ class _LocalUpload:
     def __init__(self, path: str) -> None:
         directory, name = os.path.split(path)
         os.makedirs(directory or ".", exist_ok=True)
-        fd, self._temp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=PART_SUFFIX)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # a file replaced keeps its mode
+        except FileNotFoundError:
+            mode = 0o666  # a new one gets what open() gives it: the umask applies
+        self._temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{PART_SUFFIX}")
+        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        if mode != 0o666:
+            os.fchmod(fd, mode)  # exactly the old file's (the umask applied to the open)
         self._path, self._file = path, os.fdopen(fd, "wb")
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
 
     def write(self, data: bytes) -> int:
         return self._file.write(data)

@@ -168,16 +168,22 @@ def _torch_load(
         raise named from exc
 
 
-# How every torch.save file begins: a zip's local header (the format since torch 1.6), or the
-# legacy format's pickled magic number (pickle protocol 2, without the STOP opcode).
-_TORCH_SAVE_HEADS = (b"PK\x03\x04", pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1])
+# How every torch.save file begins: a zip's local header (the format since torch 1.6), or, in
+# the legacy format, a pickle whose first object is torch's magic number (after the protocol
+# and, from protocol 4, a frame header: within the first 32 bytes).
+_ZIP_HEAD = b"PK\x03\x04"
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]  # the LONG1 opcode and number
+
+
+def _is_torch_save(head: bytes) -> bool:
+    return head.startswith(_ZIP_HEAD) or (head.startswith(b"\x80") and _LEGACY_MAGIC in head)
 
 
 def _head(file: IO[bytes]) -> bytes | None:
-    """The first bytes of ``file`` (None if it cannot be read again)."""
+    """The first 32 bytes of ``file`` (None if it cannot be read again)."""
     try:
         file.seek(0)
-        return file.read(max(map(len, _TORCH_SAVE_HEADS)))
+        return file.read(32)
     except Exception:
         return None
 
@@ -188,7 +194,7 @@ def _load_error(exc: Exception, url: str, weights_only: bool, head: bytes | None
     ``head``, the file's first bytes, tells a file that is no torch.save at all (text, JSON, a
     plain pickle, random bytes) from one whose object the weights-only unpickler refused.
     """
-    if head is not None and not head.startswith(_TORCH_SAVE_HEADS):
+    if head is not None and not _is_torch_save(head):
         what = "empty" if not head else f"it begins {head[:8]!r}"
         return CorruptCheckpoint(url, f"not a torch.save file ({what}; torch.load: {type(exc).__name__}: {exc})")
     if isinstance(exc, pickle.UnpicklingError):

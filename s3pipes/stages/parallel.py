@@ -8,7 +8,7 @@ Order is the source's. The position after an item is the source state recorded j
 before the *next* item was pulled, so in-flight work is simply redone on resume. An item
 leaves the in-flight queue only once the queue is refilled behind it, so a source error
 while refilling loses nothing: the item is returned by the next ``next`` (or redone from
-the state).
+the state). An item for which ``fn`` raised is done with, as in ``Map``.
 """
 
 from __future__ import annotations
@@ -78,8 +78,10 @@ class ParallelMap(Stage[U], Generic[T, U]):
             _, future = self._in_flight[0]
             try:
                 result = future.result()
-            except DataError as exc:
-                self._in_flight.popleft()  # the sample is done with: raised, or skipped
+            except Exception as exc:  # (a KeyboardInterrupt while waiting leaves the item in place)
+                self._in_flight.popleft()  # the item is done with (as in Map): raised, or skipped
+                if not isinstance(exc, DataError):
+                    raise
                 locate_from(self.source, exc)  # a DecodeError: add the member and offset
                 if self.on_error == "raise":
                     raise

@@ -71,9 +71,11 @@ class Batch(Stage[Any], Generic[T]):
 
     A batch is built whole inside ``next``, so the position between batches is the
     source's: resume never splits a batch. When the source raises part way through a
-    batch (a store error), the items taken so far stay: the next ``next`` goes on
-    filling the same batch, and the state is the source's from before the batch's first
-    item, so a resume from it takes them again.
+    batch, the items taken so far stay: the next ``next`` goes on filling the same batch.
+    After a store error the state is the source's from before the batch's first item, so
+    a resume from it takes them again; after a ``DataError`` (a sample that does not
+    decode, counted as taken) it is the source's after that sample, which a resume does
+    not meet again (nor the items of the batch before it).
     """
 
     def __init__(
@@ -98,10 +100,14 @@ class Batch(Stage[Any], Generic[T]):
     def next(self) -> Any:
         if not self._items:
             self._before = self.source.state_dict()
-        for item in self.source:  # an exception leaves the batch so far in self._items
-            self._items.append(item)
-            if len(self._items) == self.batch_size:
-                break
+        try:
+            for item in self.source:  # an exception leaves the batch so far in self._items
+                self._items.append(item)
+                if len(self._items) == self.batch_size:
+                    break
+        except DataError:
+            self._before = self.source.state_dict()  # the bad sample counts as taken: never again
+            raise
         items, self._items = self._items, []
         if not items or (self.drop_last and len(items) < self.batch_size):
             raise StopIteration

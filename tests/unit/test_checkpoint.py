@@ -356,6 +356,19 @@ def test_a_file_that_is_no_torch_save_is_corrupt_whatever_weights_only(
     assert f"{mem_root}/file.pt" in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about weights-only loading of it
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_legacy_torch_save_file_of_any_pickle_protocol_is_a_checkpoint(mem_root: str, protocol: int) -> None:
+    store = Store()
+    with store.open(f"{mem_root}/legacy.pt", "wb") as f:
+        torch.save({"w": torch.ones(2), "ratio": fractions.Fraction(1, 3)}, f,
+                   _use_new_zipfile_serialization=False, pickle_protocol=protocol)  # fmt: skip
+    ckpt = CheckpointStore(mem_root, store=store)
+    with pytest.raises(WeightsOnlyRefused):
+        ckpt.load(key="legacy.pt")
+    assert ckpt.load(key="legacy.pt", weights_only=False)["ratio"] == fractions.Fraction(1, 3)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import s3pipes as sp
-from s3pipes import Store
+from s3pipes import Store, index
 from s3pipes.stages import Consumer, ShardPlan, TooFewShards
 from tests.contract import assert_disjoint_cover, assert_resumes, run
 
@@ -299,3 +299,66 @@ def test_the_state_after_a_store_error_mid_stage_loses_no_item(
         resumed.load_state_dict(pipe.state_dict())
         assert got + list(resumed) == everything, f"read #{failing[0]} failing lost or repeated items"
     assert failing[0] > 20, "the test must fail reads at many points"
+
+
+def test_loading_an_earlier_epochs_end_goes_back_to_it(shards: str) -> None:
+    """A rollback: without a set_epoch since the last pass, a loaded state wins whatever its epoch."""
+    pipe = sp.webdataset(f"{shards}/", shuffle_seed=1).map(lambda s: s["__key__"])
+    everything = list(pipe)
+    end_of_0 = pipe.state_dict()
+    pipe.set_epoch(1)
+    assert sorted(pipe) == sorted(everything)
+    pipe.load_state_dict(end_of_0)
+    assert pipe.state_dict() == end_of_0 and list(pipe) == []
+
+
+def test_after_a_data_error_iterating_on_and_resuming_both_go_past_the_bad_sample(mem_root: str) -> None:
+    """The sample a DataError was raised for counts as taken, also under batch() and map threads."""
+    urls = [f"{mem_root}/{n}" for n in range(8)]
+    for url in urls:
+        Store().write_bytes(url, b"")
+
+    def check(url: str) -> str:
+        if url.endswith("/5"):
+            raise sp.DataError(url, "bad sample")
+        return url[-1]
+
+    def make(extend: Any) -> sp.Pipe:
+        return extend(sp.from_urls(urls, store=Store()))  # type: ignore[no-any-return]
+
+    for extend in (lambda p: p.map(check).batch(4, collate=None), lambda p: p.map(check, workers=2)):
+        pipe, got = make(extend), []
+        items = iter(pipe)
+        with pytest.raises(sp.DataError, match="bad sample"):
+            got.extend(items)
+        resumed = make(extend)
+        resumed.load_state_dict(pipe.state_dict())
+        assert list(resumed) in ([["6", "7"]], ["6", "7"]), "a resume meets the bad sample no more"
+        assert got + list(items) in ([["0", "1", "2", "3"], ["4", "6", "7"]], ["0", "1", "2", "3", "4", "6", "7"])
+
+
+def test_an_error_raised_by_a_threaded_map_is_raised_once(mem_root: str) -> None:
+    urls = [f"{mem_root}/{n}" for n in range(6)]
+    for url in urls:
+        Store().write_bytes(url, b"")
+    failed: list[str] = []
+
+    def once(url: str) -> str:
+        if url.endswith("/2") and not failed:
+            failed.append(url)
+            raise sp.StoreError(url, "memory", "injected")
+        return url[-1]
+
+    items = iter(sp.from_urls(urls, store=Store()).map(once, workers=2))
+    got = [next(items), next(items)]
+    with pytest.raises(sp.StoreError, match="injected"):
+        next(items)
+    assert got + list(items) == ["0", "1", "3", "4", "5"], "as without threads: the item fn raised for is done with"
+
+
+def test_list_prefix_leaves_out_our_own_files(mem_root: str) -> None:
+    store = Store()
+    for n in range(2):
+        store.write_bytes(f"{mem_root}/src/{n}.jpg", b"")
+    index.write_manifest(store, f"{mem_root}/src/")  # `s3pipes index SRC`
+    assert sp.list_prefix(f"{mem_root}/src/", store=store).urls == tuple(f"{mem_root}/src/{n}.jpg" for n in range(2))

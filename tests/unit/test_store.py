@@ -6,6 +6,7 @@ import io
 import multiprocessing
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,18 @@ def test_a_missing_env_file_is_named_and_values_are_taken_literally(
     assert (s3(store)["secret"], s3(store)["key"]) == ("SK$x${HOME}", "k$HOME"), "no ${VAR} expansion in a secret"
 
 
+def test_an_env_file_may_be_a_pipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--env-file <(vault read ...)`: a FIFO is no regular file, and is fine."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    fifo = tmp_path / "creds.env"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("AWS_ACCESS_KEY_ID=from-a-pipe\n"))
+    writer.start()
+    store = Store.from_env(env_file=fifo)
+    writer.join()
+    assert s3(store)["key"] == "from-a-pipe"
+
+
 def test_process_environment_wins_over_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("AWS_ENDPOINT_URL=http://from-file:1\n")
     monkeypatch.setenv("AWS_ENDPOINT_URL", ENDPOINT)
@@ -150,7 +163,7 @@ def test_endpoint_credentials_are_never_shown() -> None:
     assert store.redact("x p4ssw0rd-in-url s3cret-value y") == "x *** *** y"
 
 
-def test_endpoint_credentials_are_the_store_credentials_and_never_sent_on() -> None:
+def test_endpoint_credentials_are_the_store_credentials_and_never_sent_on(monkeypatch: pytest.MonkeyPatch) -> None:
     """botocore logged the endpoint whole at DEBUG, and aiohttp refused it next to a signature."""
     store = Store({"endpoint_url": "http://AKIDINURL:p4ss%2Fw0rd@127.0.0.1:9000"})
     assert (s3(store)["endpoint"], s3(store)["key"], s3(store)["secret"]) == (
@@ -161,6 +174,12 @@ def test_endpoint_credentials_are_the_store_credentials_and_never_sent_on() -> N
     assert store.redact("a p4ss/w0rd b p4ss%2Fw0rd") == "a *** b ***"
     given = Store({"endpoint_url": "http://user:ignored-pass@127.0.0.1:9000", "key": "k", "secret": "s3cret"})
     assert (s3(given)["key"], s3(given)["secret"]) == ("k", "s3cret"), "explicit credentials win"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    explicit = Store.from_env({"endpoint_url": "http://AKIDINURL:p4ss@127.0.0.1:9000"})
+    assert (s3(explicit)["key"], s3(explicit)["secret"]) == ("AKIDINURL", "p4ss"), "storage_options win over env"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIDINURL:p4ss@127.0.0.1:9000")
+    assert s3(Store.from_env())["key"] == "env-key", "the environment's keys win over its own endpoint's"
     for endpoint in ("ftp://k:p4ssw0rd-in-url@host:9000", "k:p4ssw0rd-in-url@host:9000"):
         with pytest.raises(MalformedEndpoint) as info:
             Store({"endpoint_url": endpoint})
@@ -227,6 +246,27 @@ def test_a_local_write_is_renamed_over_its_target_not_copied_from_tmpdir(
     assert target.read_bytes() == b"version 2, in flight"
     assert target.stat().st_ino == inode, "published by a rename"
     assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
+
+
+def test_a_local_write_has_the_mode_open_would_give_and_the_file_api(tmp_path: Path) -> None:
+    """The temporary file beside the target was created 0600 (mkstemp), and kept that mode."""
+    store, umask = Store(), os.umask(0o022)
+    os.umask(umask)
+    store.write_bytes(f"file://{tmp_path}/new.bin", b"x")
+    assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+    (tmp_path / "shared.bin").write_bytes(b"old")
+    (tmp_path / "shared.bin").chmod(0o640)
+    store.write_bytes(f"file://{tmp_path}/shared.bin", b"new")
+    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == 0o640, "a file replaced keeps its mode"
+    with store.open(f"file://{tmp_path}/text.txt", "wb") as f, io.TextIOWrapper(f, encoding="utf-8") as text:
+        assert f.writable() and f.seekable() and not f.readable() and not f.closed
+        text.write("written through a text wrapper")
+    assert (tmp_path / "text.txt").read_text() == "written through a text wrapper"
+
+
+def test_write_bytes_takes_bytes(mem_root: str) -> None:
+    with pytest.raises(TypeError, match=r"takes bytes, not str"):
+        Store().write_bytes(f"{mem_root}/a.txt", "text")  # type: ignore[arg-type]
 
 
 def test_unknown_protocol_is_a_clear_error() -> None:
