@@ -203,7 +203,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     store = _store(args)
     source = ObjectSamples(args.src, label_from_path=args.label_from_path, store=store)
-    pattern = f"{args.dst.rstrip('/')}/{args.pattern}"
+    directory = args.dst.rstrip("/").replace("{", "{{").replace("}", "}}")  # braces in DST are part of its name
+    pattern = f"{directory}/{args.pattern}"
     with _quiet_convert_log(), _executor(args) as executor:
         result = convert(
             source,

@@ -24,11 +24,13 @@ in the manifest's ``skipped``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import posixpath
 import re
+import string
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,7 +44,7 @@ from s3pipes.index import is_own_file
 from s3pipes.pipe import sole_consumer
 from s3pipes.stages.group import split_key
 from s3pipes.store import Store
-from s3pipes.writer import ConvertResult, ShardInfo, ShardWriter, check_pattern, write_manifest
+from s3pipes.writer import ConvertResult, ShardInfo, ShardWriter, check_pattern, manifest_url, write_manifest
 
 __all__ = ["ConvertResult", "ObjectSamples", "Source", "convert", "plan_units"]
 
@@ -166,7 +168,15 @@ def _run_by_input(unit: _Unit) -> tuple[list[ShardInfo], list[dict[str, str]]]:
                 skipped += [{"source": url, "error": str(failure)} for url in inputs]
                 continue
             for sample in samples:
-                writer.write(sample)
+                try:
+                    writer.write(sample)  # refuses before writing a byte of it (a bad key, a field it cannot encode)
+                except (ValueError, TypeError) as exc:
+                    url = inputs[0]
+                    failure = SourceError(url, f"its sample cannot be written: {type(exc).__name__}: {exc}")
+                    if unit.on_error == "raise":
+                        raise failure from exc
+                    _log.warning("skipped %s: %s", url, failure)
+                    skipped += [{"source": url, "error": str(failure)} for url in inputs]
     return writer.shards, skipped
 
 
@@ -248,6 +258,8 @@ def convert(
         for n, urls in enumerate(plan_units(sizes, maxcount=maxcount, maxsize=maxsize))
     ]
     done = _finished(store, units)
+    with contextlib.suppress(errors.ObjectNotFound):  # a failed rerun must not leave the last run's manifest
+        store.delete(manifest_url(dst_pattern))
     bars = _Bars(progress, total_units=len(units), total_inputs=len(sizes))
     records: dict[int, dict[str, Any]] = dict(done)
     for number in done:
@@ -273,10 +285,42 @@ def convert(
         bars.close()
     shards = [ShardInfo(**records[n]["shard"]) for n in sorted(records) if records[n]["shard"] is not None]
     skipped = [item for n in sorted(records) for item in records[n]["skipped"]]
+    _remove_earlier_outputs(store, dst_pattern, {shard.name for shard in shards}, len(units))
     manifest = write_manifest(store, dst_pattern, shards, skipped)
     result = ConvertResult(shards, skipped, len(done), time.perf_counter() - started, manifest)
     _log.info("%s", result)
     return result
+
+
+def _remove_earlier_outputs(store: Store, pattern: str, kept: set[str], units: int) -> None:
+    """Delete the shards named by ``pattern`` that this run did not write, and records of units past
+    its plan: an earlier run into the same directory planned more units (other limits or inputs),
+    or a unit is empty now. Left there, readers of the directory saw their samples twice.
+    """
+    directory = posixpath.dirname(pattern.format(shard=0))
+    shard_name = _name_pattern(posixpath.basename(pattern))
+    record_name = re.compile(rf"{re.escape(RECORDS)}/unit-(\d+)\.json")
+    try:
+        listing = store.list(directory + "/")
+    except errors.ObjectNotFound:  # nothing written there (every input skipped), on file:// or memory://
+        return
+    for url in listing:
+        name = url[len(directory) + 1 :]
+        record = record_name.fullmatch(name)
+        if (shard_name.fullmatch(name) and name not in kept) or (record and int(record.group(1)) >= units):
+            _log.info("removing %s: left by an earlier conversion into %s", url, directory)
+            with contextlib.suppress(errors.ObjectNotFound):
+                store.delete(url)
+
+
+def _name_pattern(basename: str) -> re.Pattern[str]:
+    """A regex for the names ``basename.format(shard=n)`` gives (the ``{shard}`` field as digits)."""
+    parts = []
+    for literal, field, _spec, _conversion in string.Formatter().parse(basename):
+        parts.append(re.escape(literal.replace("{{", "{").replace("}}", "}")))
+        if field is not None:
+            parts.append(r"\d+")
+    return re.compile("".join(parts))
 
 
 def _input_sizes(store: Store, inputs: str | Sequence[str], suffix: str) -> dict[str, int]:

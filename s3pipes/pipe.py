@@ -311,6 +311,10 @@ class Pipe(IterableDataset[T], Generic[T]):
         written last. It runs here, in this process: :func:`s3pipes.convert` splits a
         conversion over an executor and resumes a killed one.
 
+        Raises:
+            ConfigError: under a distributed launcher (``WORLD_SIZE`` > 1): every rank would
+                write its share under the same names.
+
         Example:
             >>> pipe = from_urls("memory://doc-write-shards/in/{0..2}", store=Store())
             >>> samples = pipe.map(lambda url: {"__key__": url[-1], "txt": url})
@@ -318,6 +322,13 @@ class Pipe(IterableDataset[T], Generic[T]):
             >>> [(shard.name, shard.samples) for shard in result.shards], result.manifest
             ([('0.tar', 2), ('1.tar', 1)], 'memory://doc-write-shards/out/shards.s3pipes.json')
         """
+        consumer = current_consumer()
+        if consumer.world_size > 1:
+            raise ConfigError(
+                f"write_shards({pattern!r}) runs on rank {consumer.rank} of {consumer.world_size} (RANK/WORLD_SIZE "
+                "are set): each rank would write its share under the same shard names. Run it in one process, "
+                "or use s3pipes.convert(), which splits the work over an executor itself"
+            )
         started = time.perf_counter()
         writer = ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, store=self._store, start_shard=start_shard)
         items: Iterator[Any] = iter(self)

@@ -247,6 +247,11 @@ class ShardWriter:
         if self._tar is None:
             self._open_shard()
         assert self._tar is not None
+        if self._count and key == self._last:
+            raise ValueError(
+                f"__key__ {key!r} repeats the previous sample's: readers would take both as one sample "
+                "(a repeated field); give each sample its own key"
+            )
         self._tar.write(dict(sample))
         self._count += 1
         self._first = self._first or key

@@ -344,3 +344,12 @@ def test_verify_a_missing_prefix_is_one_error_line(root: str, capsys: pytest.Cap
     code, out, err = run(capsys, "verify", f"{root}/nothing/")
     assert (code, out) == (1, "")
     assert err.startswith(f"s3pipes verify: error: {root}/nothing") and err.count("\n") == 1
+
+
+def test_braces_in_the_destination_are_part_of_its_name(root: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """S3 keys may hold { and }: DST was taken for a format string (KeyError 'v2', a traceback)."""
+    expected = write_raw(f"{root}/raw")
+    argv = ["convert", f"{root}/raw/", f"{root}/out{{v2}}/", "--suffix", ".png", "--label-from-path", "1"]
+    code, out, err = run(capsys, *argv, "--no-progress")
+    assert (code, err) == (0, "") and f"{root}/out{{v2}}/{MANIFEST_NAME}" in out
+    assert read_back(f"{root}/out{{v2}}") == expected

@@ -9,6 +9,7 @@ inputs named in ``fail_on``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import json
@@ -579,6 +580,62 @@ def test_our_own_files_under_the_source_prefix_are_not_inputs(raw: str, mem_root
     source = ObjectSamples(f"{raw}/", store=store)
     result = sp.convert(source, f"{mem_root}/out/{PATTERN}", f"{raw}/", store=store)
     assert result.samples == len(LABELS) * PER_LABEL
+
+
+def test_a_rerun_with_fewer_units_leaves_only_its_own_shards(raw: str, mem_root: str) -> None:
+    """An earlier run into the same directory planned more units: its extra shards stayed, and a
+    reader of the directory saw their samples twice."""
+    store, out = Store(), f"{mem_root}/out"
+    run_convert(raw, out, maxcount=2)  # 12 shards
+    result = run_convert(raw, out, maxcount=10)  # 3
+    assert sorted(tree(store, out)) == sorted(
+        [MANIFEST_NAME, *(f"train-{n:04d}.tar" for n in range(3)), *(f"{RECORDS}/unit-{n:06d}.json" for n in range(3))]
+    )
+    keys = [sample["__key__"] for sample in sp.webdataset(f"{out}/", store=store)]
+    assert sorted(keys) == sorted(url[len(raw) + 1 : -4] for url in inputs_of(raw)) and result.samples == 24
+
+
+def test_a_failed_rerun_leaves_no_manifest_of_the_run_before(raw: str, mem_root: str) -> None:
+    out = f"{mem_root}/out"
+    run_convert(raw, out, maxcount=2)
+    with pytest.raises(SourceError):
+        run_convert(raw, out, maxcount=5, fail_on=frozenset({f"{raw}/bee/0003.png"}))
+    assert not Store().exists(f"{out}/{MANIFEST_NAME}"), "no manifest, no finished conversion"
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_sample_the_writer_refuses_is_an_input_error(raw: str, mem_root: str, on_error: str) -> None:
+    """A field it cannot encode (a set as json): a bare TypeError, and with skip the unit was lost."""
+
+    def source(urls: Sequence[str]) -> Iterator[dict[str, Any]]:
+        for url in urls:
+            yield {"__key__": url[len(raw) + 1 : -4], "json": {1, 2} if url.endswith("bee/0003.png") else [1]}
+
+    convert = functools.partial(
+        sp.convert, source, f"{mem_root}/out/{PATTERN}", f"{raw}/", suffix=".png", maxcount=5, store=Store()
+    )
+    if on_error == "raise":
+        with pytest.raises(SourceError, match=r"bee/0003\.png.*cannot be written: TypeError"):
+            convert(on_error="raise")
+        return
+    result = convert(on_error="skip")
+    assert result.samples == 23 and [item["source"] for item in result.skipped] == [f"{raw}/bee/0003.png"]
+
+
+def test_a_key_repeating_the_previous_samples_is_refused(mem_root: str) -> None:
+    writer = ShardWriter(f"{mem_root}/{PATTERN}", store=Store())
+    writer.write({"__key__": "img", "txt": "first"})
+    with pytest.raises(ValueError, match=r"'img' repeats the previous sample's"):
+        writer.write({"__key__": "img", "cls": 1})
+    writer.discard()
+
+
+def test_write_shards_refuses_to_run_on_every_rank(mem_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    pipe = sp.from_urls([f"{mem_root}/in/{n}" for n in range(4)], store=Store()).map(lambda u: {"__key__": u[-1]})
+    with pytest.raises(sp.ConfigError, match=r"rank 1 of 2 .*s3pipes\.convert\(\)"):
+        pipe.write_shards(f"{mem_root}/out/{PATTERN}", progress=False)
 
 
 def test_explicit_inputs_are_cut_by_count(raw: str, mem_root: str) -> None:
