@@ -14,7 +14,10 @@ sample dicts) into one shard, published when complete, then writes a small recor
 (``shards.s3pipes.json``) comes last, once every unit has its record. A rerun with the
 same arguments skips the units whose record matches (same inputs, same limits), so a
 killed conversion resumes where it stopped and ends with what an uninterrupted run
-writes. Source objects are only read.
+writes. A run starts by removing the directory's manifest and, before writing its own,
+removes the shards named by the pattern that it did not write and the records past its
+plan (left by an earlier run with more units), so the directory holds one run's shards.
+Source objects are only read.
 
 A unit that fails is run again input by input to find the culprit: with
 ``on_error="raise"`` that input's :class:`~s3pipes.errors.SourceError` (or the store
