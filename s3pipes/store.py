@@ -610,6 +610,10 @@ class Store:
         """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise TypeError(f"write_bytes({url!r}) takes bytes, not {type(data).__name__}")
+        if self._protocol(url) in ("file", "local"):
+            with self.open(url, "wb") as file:  # beside the target, renamed over it: never half written
+                file.write(data)
+            return
         fs, path = self.resolve(url)
         getter = self._fast_getter(url)
         with self.errors(url):
@@ -973,13 +977,13 @@ class _LocalUpload:
         directory, name = os.path.split(path)
         os.makedirs(directory or ".", exist_ok=True)
         try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)  # a file replaced keeps its mode
+            replaced: int | None = stat.S_IMODE(os.stat(path).st_mode)  # a file replaced keeps its mode
         except FileNotFoundError:
-            mode = 0o666  # a new one gets what open() gives it: the umask applies
+            replaced = None  # a new one gets what open() gives it: 0o666 less the umask
         self._temp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}{PART_SUFFIX}")
-        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        if mode != 0o666:
-            os.fchmod(fd, mode)  # exactly the old file's (the umask applied to the open)
+        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if replaced is not None:
+            os.fchmod(fd, replaced)  # exactly the old file's (the umask applied to the open)
         self._path, self._file = path, os.fdopen(fd, "wb")
 
     @property

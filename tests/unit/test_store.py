@@ -248,16 +248,25 @@ def test_a_local_write_is_renamed_over_its_target_not_copied_from_tmpdir(
     assert [p.name for p in target.parent.iterdir()] == ["model.pt"]
 
 
-def test_a_local_write_has_the_mode_open_would_give_and_the_file_api(tmp_path: Path) -> None:
+def test_a_local_write_has_the_mode_open_would_give_and_the_file_api(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The temporary file beside the target was created 0600 (mkstemp), and kept that mode."""
-    store, umask = Store(), os.umask(0o022)
-    os.umask(umask)
+    store, umask = Store(), 0o022
+    previous = os.umask(umask)  # the usual one, whatever this process runs with
+    request.addfinalizer(lambda: os.umask(previous))
     store.write_bytes(f"file://{tmp_path}/new.bin", b"x")
     assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o666 & ~umask
-    (tmp_path / "shared.bin").write_bytes(b"old")
-    (tmp_path / "shared.bin").chmod(0o640)
-    store.write_bytes(f"file://{tmp_path}/shared.bin", b"new")
-    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == 0o640, "a file replaced keeps its mode"
+    for mode in (0o640, 0o666):  # 0o666: what a new file asks for, before the umask
+        (tmp_path / "shared.bin").write_bytes(b"old")
+        (tmp_path / "shared.bin").chmod(mode)
+        inode = (tmp_path / "shared.bin").stat().st_ino
+        store.write_bytes(f"file://{tmp_path}/shared.bin", b"new")
+        assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == mode, "a file replaced keeps its mode"
+        assert (tmp_path / "shared.bin").stat().st_ino != inode, "replaced whole (renamed over), not rewritten"
+        with store.open(f"file://{tmp_path}/shared.bin", "wb") as f:
+            f.write(b"newer")
+        assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == mode
     with store.open(f"file://{tmp_path}/text.txt", "wb") as f, io.TextIOWrapper(f, encoding="utf-8") as text:
         assert f.writable() and f.seekable() and not f.readable() and not f.closed
         text.write("written through a text wrapper")
