@@ -56,7 +56,6 @@ DEFAULT_EXCLUDE = ("*.tmp", "*.part", "*.swp", "*~")
 """Patterns never synced: temporary files of writers that save to a temp name and rename."""
 
 _MARKER = ".s3pipes-restore-incomplete"
-_PART_SUFFIX = PART_SUFFIX  # our own downloads in flight (as Store's local writes), never uploaded
 _CHUNK = 8 << 20
 _ROUNDS = 3  # one-shot / final passes re-run while files change during their upload
 _log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ class _Syncer:
 
     def _excluded(self, rel: str) -> bool:
         name = rel.rpartition("/")[2]
-        if name == _MARKER or name.endswith(_PART_SUFFIX):
+        if name == _MARKER or name.endswith(PART_SUFFIX):  # our downloads in flight, as Store's writes
             return True
         return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in self._exclude)
 
@@ -255,7 +254,7 @@ class _Syncer:
         marker = self.local / _MARKER
         self.local.mkdir(parents=True, exist_ok=True)
         marker.touch()
-        for leftover in self.local.rglob(f"*{_PART_SUFFIX}"):  # of a killed restore
+        for leftover in self.local.rglob(f"*{PART_SUFFIX}"):  # of a killed restore
             leftover.unlink(missing_ok=True)
         todo = {rel: info for rel, info in remote.items() if not self._restored_already(rel, info)}
         total = sum(int(info.get("size") or 0) for info in todo.values())
@@ -276,7 +275,7 @@ class _Syncer:
         def download(bar: _Bar) -> tuple[str, _Stat]:
             dest = self.local / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_PART_SUFFIX}")
+            part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PART_SUFFIX}")
             try:
                 with self.store.open(f"{self.url}/{rel}", "rb") as src, open(part, "wb") as dst:
                     while chunk := src.read(_CHUNK):
